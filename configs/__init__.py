@@ -1,0 +1,1 @@
+"""Presets: the HF config.json of every released SigLIP 2 checkpoint, named after its hub id."""

@@ -1,0 +1,1 @@
+"""siglip2-jax: SigLIP 2 in JAX/Flax."""

@@ -1,0 +1,37 @@
+"""Where weights come from: a local HF directory, or a hub id fetched with `huggingface_hub`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .safetensors_reader import PICKLE_SUFFIXES, WeightsError, refuse_pickle_message
+
+HUB_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.model", "tokenizer.json",
+             "tokenizer_config.json", "special_tokens_map.json", "preprocessor_config.json", "processor_config.json"]
+
+
+class SourceError(ValueError):
+    """A source that is neither a usable directory nor a reachable hub id."""
+
+
+def resolve_source(source: str | Path) -> Path:
+    """A local directory as is; otherwise a hub id ("google/siglip2-base-patch16-224"), downloaded
+    (safetensors only, never pickles) into the Hugging Face cache."""
+    path = Path(source).expanduser()
+    if path.exists():
+        if path.is_file():
+            if path.suffix in PICKLE_SUFFIXES:
+                raise WeightsError(refuse_pickle_message(path))
+            raise SourceError(f"{path}: expected a directory (with config.json and *.safetensors), got a file")
+        return path
+    text = str(source)
+    if text.count("/") != 1 or text.startswith((".", "/", "~")):
+        raise SourceError(f"{source}: no such directory, and not a hub id of the form owner/name")
+    try:
+        from huggingface_hub import snapshot_download
+        return Path(snapshot_download(text, allow_patterns=HUB_FILES))
+    except Exception as err:  # the hub raises many types; all mean the same thing to the user
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise SourceError(
+            f"{source}: could not download from the Hugging Face hub ({reason}). Offline? Download it "
+            f"elsewhere (`huggingface-cli download {source}`) and pass the local directory instead.") from None

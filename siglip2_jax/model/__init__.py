@@ -1,0 +1,7 @@
+"""Flax NNX modules of SigLIP 2."""
+
+from .siglip import Siglip2, l2_normalize, sigmoid_loss
+from .text import TextTower
+from .vision import VisionTower, patchify
+
+__all__ = ["Siglip2", "TextTower", "VisionTower", "l2_normalize", "patchify", "sigmoid_loss"]

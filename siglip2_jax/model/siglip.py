@@ -1,0 +1,60 @@
+"""The two-tower SigLIP 2 model: image and text towers, a learned logit scale and bias, the sigmoid loss."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ..config import Siglip2Config
+from .layers import zeros
+from .text import TextTower
+from .vision import VisionTower
+
+Array = jax.Array
+
+
+def l2_normalize(x: Array, eps: float = 1e-12) -> Array:
+    x = x.astype(jnp.float32)
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
+class Siglip2(nnx.Module):
+    """Either tower may be absent (standalone vision or text checkpoints)."""
+
+    def __init__(self, config: Siglip2Config, *, dtype=jnp.float32, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs | None = None, attention_impl=None):
+        rngs = rngs if rngs is not None else nnx.Rngs(0)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs, attention_impl=attention_impl)
+        self.config = config
+        self.vision = VisionTower(config.vision, **kw) if config.vision is not None else None
+        self.text = TextTower(config.text, **kw) if config.text is not None else None
+        if self.vision is not None and self.text is not None:
+            self.logit_scale = zeros((), (), jnp.float32)
+            self.logit_bias = zeros((), (), jnp.float32)
+
+    def encode_images(self, images, normalize: bool = True) -> Array:
+        pooled = self.vision(images)["pooled"]
+        return l2_normalize(pooled) if normalize else pooled
+
+    def encode_texts(self, token_ids: Array, normalize: bool = True) -> Array:
+        pooled = self.text(token_ids)["pooled"]
+        return l2_normalize(pooled) if normalize else pooled
+
+    def logits(self, image_embeds: Array, text_embeds: Array) -> Array:
+        """(num_images, num_texts) logits from L2-normalized embeddings; sigmoid gives probabilities."""
+        return image_embeds @ text_embeds.T * jnp.exp(self.logit_scale[...]) + self.logit_bias[...]
+
+    def __call__(self, images, token_ids: Array) -> dict:
+        image_embeds = self.encode_images(images)
+        text_embeds = self.encode_texts(token_ids)
+        logits_per_image = self.logits(image_embeds, text_embeds)
+        return dict(image_embeds=image_embeds, text_embeds=text_embeds,
+                    logits_per_image=logits_per_image, logits_per_text=logits_per_image.T)
+
+
+def sigmoid_loss(logits: Array) -> Array:
+    """SigLIP's pairwise sigmoid loss for a square batch: pair (i, i) is positive, every other negative.
+    Summed over one axis, averaged over the other (the convention of the reference)."""
+    labels = 2.0 * jnp.eye(logits.shape[0], dtype=jnp.float32) - 1.0
+    return -jnp.mean(jnp.sum(jax.nn.log_sigmoid(labels * logits.astype(jnp.float32)), axis=-1))

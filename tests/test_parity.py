@@ -1,0 +1,134 @@
+"""fp32 parity with transformers (eager attention) for every FixRes preset, scaled down, plus full-size
+B/16@224 and So400m/14@384; and proof that the comparison can fail."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from siglip2_jax.checkpoint import convert, read_checkpoint_config, restore_params
+from siglip2_jax.config import preset_names
+from siglip2_jax.model.build import model_from_params
+from reference import make_reference, preset_hf_config, save_reference, scaled_down
+
+EMBED_TOL, LOGIT_TOL, TOKEN_TOL = 2e-5, 1e-3, 1e-4
+FIXRES = [n for n in preset_names() if "naflex" not in n]
+
+
+def normalize(x):
+    x = np.asarray(x, np.float64)
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def inputs_for(hf: dict, batch: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    size = hf["vision_config"]["image_size"]
+    pixels = rng.uniform(-1, 1, (batch, size, size, 3)).astype(np.float32)
+    ids = rng.integers(0, hf["text_config"]["vocab_size"], (batch + 1, hf["text_config"]["max_position_embeddings"]))
+    ids[0, 5:] = 0  # a realistic padded caption too: 4 tokens, EOS, pads
+    ids[0, 4] = 1
+    return pixels, ids.astype(np.int32)
+
+
+@torch.no_grad()
+def reference_outputs(model, pixels, ids):
+    out = model(pixel_values=torch.from_numpy(pixels).permute(0, 3, 1, 2), input_ids=torch.from_numpy(ids).long())
+    return dict(image=out.image_embeds.numpy(), text=out.text_embeds.numpy(), logits=out.logits_per_image.numpy(),
+                tokens=out.vision_model_output.last_hidden_state.numpy())
+
+
+def our_outputs(model, pixels, ids):
+    images = model.vision(jnp.asarray(pixels))
+    image, text = normalize(images["pooled"]), normalize(model.encode_texts(jnp.asarray(ids), normalize=False))
+    return dict(image=image, text=text, logits=np.asarray(model.logits(jnp.asarray(image, jnp.float32), jnp.asarray(text, jnp.float32))),
+                tokens=np.asarray(images["tokens"]))
+
+
+def max_diffs(ours, ref):
+    return {k: float(np.abs(np.asarray(ours[k], np.float64) - np.asarray(ref[k], np.float64)).max()) for k in ref}
+
+
+def assert_parity(d):
+    assert d["image"] <= EMBED_TOL and d["text"] <= EMBED_TOL, d
+    assert d["logits"] <= LOGIT_TOL, d
+    assert d["tokens"] <= TOKEN_TOL, d
+
+
+def convert_and_load(hf_dir, out_dir):
+    convert(hf_dir, out_dir)
+    config = read_checkpoint_config(out_dir)
+    return model_from_params(config, restore_params(out_dir, config))
+
+
+@pytest.mark.parametrize("name", FIXRES)
+def test_scaled_down_preset_matches_transformers(name, tmp_path):
+    hf = scaled_down(preset_hf_config(name))
+    reference = make_reference(hf, seed=len(name))
+    # every other preset is saved sharded, to exercise model.safetensors.index.json
+    shard = "200KB" if FIXRES.index(name) % 2 else None
+    save_reference(reference, tmp_path / "hf", max_shard_size=shard)
+    if shard:
+        assert (tmp_path / "hf" / "model.safetensors.index.json").exists()
+    model = convert_and_load(tmp_path / "hf", tmp_path / "ours")
+    pixels, ids = inputs_for(hf, batch=2)
+    d = max_diffs(our_outputs(model, pixels, ids), reference_outputs(reference, pixels, ids))
+    print(f"{name}: {d}")
+    assert_parity(d)
+
+
+# ---- the comparison must be able to fail -----------------------------------------------------------
+@pytest.fixture(scope="module")
+def small_pair(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("mutation")
+    hf = scaled_down(preset_hf_config("siglip2-so400m-patch14-384"))
+    reference = make_reference(hf, seed=1)
+    save_reference(reference, tmp / "hf")
+    convert(tmp / "hf", tmp / "ours")
+    config = read_checkpoint_config(tmp / "ours")
+    pixels, ids = inputs_for(hf, batch=2)
+    return config, restore_params(tmp / "ours", config), pixels, ids, reference_outputs(reference, pixels, ids)
+
+
+def _perturbed(params, path, index, delta):
+    params = jax.tree.map(lambda x: x, params)
+    node = params
+    for name in path[:-1]:
+        node = node[name]
+    node[path[-1]] = node[path[-1]].at[index].add(delta)
+    return params
+
+
+@pytest.mark.parametrize("path,index", [
+    (("vision", "encoder", "blocks", "mlp", "fc1_kernel"), (1, 3, 5)),
+    (("vision", "head", "attn", "qkv_kernel"), (0, 1, 0, 0)),
+    (("vision", "embed", "position"), (100, 7)),
+    (("text", "encoder", "blocks", "attn", "qkv_kernel"), (0, 2, 1, 1, 3)),
+    (("text", "head_kernel"), (4, 4)),
+])
+def test_parity_fails_when_one_weight_moves(small_pair, path, index):
+    config, params, pixels, ids, ref = small_pair
+    assert_parity(max_diffs(our_outputs(model_from_params(config, params), pixels, ids), ref))
+    moved = model_from_params(config, _perturbed(params, path, index, 0.05))
+    d = max_diffs(our_outputs(moved, pixels, ids), ref)
+    with pytest.raises(AssertionError):
+        assert_parity(d)
+
+
+@pytest.mark.parametrize("change", ["exact_gelu", "layer_norm_eps"])
+def test_parity_fails_when_one_op_changes(small_pair, change):
+    config, params, pixels, ids, ref = small_pair
+    if change == "exact_gelu":
+        vision = dataclasses.replace(config.vision, approximate_gelu=False)
+        text = dataclasses.replace(config.text, approximate_gelu=False)
+    else:
+        vision = dataclasses.replace(config.vision, layer_norm_eps=1e-2)
+        text = dataclasses.replace(config.text, layer_norm_eps=1e-2)
+    changed = dataclasses.replace(config, vision=vision, text=text)
+    d = max_diffs(our_outputs(model_from_params(changed, params), pixels, ids), ref)
+    with pytest.raises(AssertionError):
+        assert_parity(d)
