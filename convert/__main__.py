@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, ConfigError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    peak_gib = peak_resident_bytes() / 2**30
     weight_bytes = sum(p.stat().st_size for p in local.glob("*.safetensors"))
     print(f"converted {args.src} -> {out} in {time.perf_counter() - start:.1f} s; "
           f"peak resident memory {peak_gib:.2f} GiB ({peak_gib * 2**30 / max(weight_bytes, 1):.2f}x the "
@@ -75,6 +75,19 @@ def run(args: argparse.Namespace) -> int:
     print("verification against transformers (eager attention, float32):")
     print("\n".join(report.lines()))
     return 0 if report.passed else 1
+
+
+def peak_resident_bytes() -> int:
+    """This process's peak resident memory. Linux's VmHWM belongs to this program alone; ru_maxrss would
+    also count the parent's memory when we were started by fork + exec (e.g. from a test)."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB elsewhere
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,246 @@
+"""`siglip2_jax.load(...)`: a checkpoint, its tokenizer and preprocessing, and jit-compiled towers.
+
+Inputs of any count are cut into batches of at most `batch_size` and the last one is padded up to a
+power of two, so a notebook compiles a handful of shapes once (1, 2, 4, ... batch_size) and never
+again for batch 7 after batch 8. On a mesh the batch is split over the "data" axis and the weights are
+placed by `siglip2_jax.sharding`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from .checkpoint import (SourceError, is_checkpoint, iter_hf_params, read_checkpoint_config, read_hf_config,
+                         resolve_source, restore_params, write_checkpoint)
+from .config import Siglip2Config
+from .images import preprocess_fixres, preprocess_naflex
+from .model.build import flatten, model_from_params, nest
+from .sharding import batch_sharding, param_shardings
+
+DEFAULT_MODEL = "google/siglip2-base-patch16-224"
+DEFAULT_TEMPLATE = "This is a photo of {}."
+
+
+@dataclasses.dataclass
+class PatchFeatures:
+    """Dense image features: `features[i, n]` is patch n of image i (post-LayerNorm tokens, the ones the
+    pooling head reads); `positions[i, n]` is its (row, col) in the patch grid; `mask[i, n]` is False for
+    padding (NaFlex); `grid[i]` is (rows, cols). Pixel box of a patch: rows * p .. (row + 1) * p of the
+    resized image."""
+
+    features: np.ndarray
+    positions: np.ndarray
+    mask: np.ndarray
+    grid: np.ndarray
+    patch_size: int
+
+
+class Siglip2Pipeline:
+    def __init__(self, config: Siglip2Config, params: dict, *, tokenizer=None, dtype=jnp.float32, mesh=None,
+                 max_num_patches: int = 256, batch_size: int = 32, assets_dir: Path | None = None):
+        self.config, self.tokenizer, self.mesh = config, tokenizer, mesh
+        self.max_num_patches, self.batch_size, self.assets_dir = max_num_patches, batch_size, assets_dir
+        self.model = model_from_params(config, params, dtype=dtype)
+        self._graphdef, self._state = nnx.split(self.model)
+        graphdef = self._graphdef
+
+        def image_embeds(state, images):
+            return nnx.merge(graphdef, state).encode_images(images)
+
+        def image_tokens(state, images):
+            out = nnx.merge(graphdef, state).vision(images)
+            return out["tokens"].astype(jnp.float32)
+
+        def text_embeds(state, token_ids):
+            return nnx.merge(graphdef, state).encode_texts(token_ids)
+
+        self._image_embeds, self._image_tokens, self._text_embeds = map(jax.jit, (image_embeds, image_tokens, text_embeds))
+
+    # ---- inputs -----------------------------------------------------------------------------------
+    def preprocess(self, images) -> np.ndarray | dict:
+        v = self._require("vision")
+        if v.naflex:
+            return preprocess_naflex(images, v.patch_size, self.max_num_patches)
+        return preprocess_fixres(images, v.image_size)
+
+    def tokenize(self, texts: str | Sequence[str]) -> np.ndarray:
+        t = self._require("text")
+        if self.tokenizer is None:
+            raise ValueError("this checkpoint has no tokenizer (tokenizer.model or tokenizer.json); "
+                             "pass token ids to encode_token_ids, or load one with siglip2_jax.tokenizer.Tokenizer")
+        return self.tokenizer.encode(texts, max_length=t.max_length)
+
+    # ---- embeddings -------------------------------------------------------------------------------
+    def encode_images(self, images) -> np.ndarray:
+        """Paths, bytes, PIL images or uint8 arrays -> (n, D) L2-normalized float32 embeddings."""
+        return self._map_batches(self._image_embeds, _as_list(images), self.preprocess)
+
+    def encode_texts(self, texts: str | Sequence[str]) -> np.ndarray:
+        """Strings -> (n, P) L2-normalized float32 embeddings (lowercased, tokenized, padded to 64)."""
+        return self.encode_token_ids(self.tokenize(texts))
+
+    def encode_token_ids(self, token_ids: np.ndarray) -> np.ndarray:
+        self._require("text")
+        return self._map_batches(self._text_embeds, list(np.asarray(token_ids, np.int32)), np.stack)
+
+    def embed_preprocessed(self, inputs, kind: str = "image") -> jax.Array:
+        """One batch that is already `preprocess`ed (kind="image") or `tokenize`d (kind="text") -> its
+        embeddings on device, padded to the compiled batch size and not waited for: the caller overlaps
+        the next batch's preparation with this one's compute, then takes `np.asarray(result)[:n]`."""
+        fn = self._image_embeds if kind == "image" else self._text_embeds
+        self._require("vision" if kind == "image" else "text")
+        return self._dispatch(fn, inputs, len(jax.tree.leaves(inputs)[0]))
+
+    def patch_features(self, images) -> PatchFeatures:
+        """Dense per-patch features of each image, with each patch's (row, col)."""
+        v = self._require("vision")
+        items = _as_list(images)
+        tokens, masks, grids = [], [], []
+        for start in range(0, len(items), self.batch_size):
+            inputs = self.preprocess(items[start:start + self.batch_size])
+            n = len(items[start:start + self.batch_size])
+            tokens.append(self._run(self._image_tokens, inputs, n))
+            if v.naflex:
+                masks.append(inputs["mask"].astype(bool))
+                grids.append(inputs["spatial_shapes"])
+            else:
+                masks.append(np.ones(tokens[-1].shape[:2], bool))
+                grids.append(np.full((n, 2), v.grid_size, np.int32))
+        features = np.concatenate(tokens) if tokens else np.zeros((0, 0, v.width), np.float32)
+        grid = np.concatenate(grids) if grids else np.zeros((0, 2), np.int32)
+        index = np.arange(features.shape[1])
+        cols = np.maximum(grid[:, 1:2], 1)
+        positions = np.stack([index[None] // cols, index[None] % cols], -1).astype(np.int32)
+        mask = np.concatenate(masks) if masks else np.zeros(features.shape[:2], bool)
+        positions = np.where(mask[..., None], positions, -1)
+        return PatchFeatures(features, positions, mask, grid, v.patch_size)
+
+    # ---- answers ----------------------------------------------------------------------------------
+    def logits(self, image_embeds: np.ndarray, text_embeds: np.ndarray) -> np.ndarray:
+        """(n_images, n_texts) logits of normalized embeddings: scale * cosine + bias."""
+        self._require("vision"), self._require("text")
+        scale = float(np.exp(np.asarray(self.model.logit_scale[...])))
+        return np.asarray(image_embeds, np.float32) @ np.asarray(text_embeds, np.float32).T * scale + float(self.model.logit_bias[...])
+
+    def zero_shot(self, images, labels: Sequence[str], template: str = DEFAULT_TEMPLATE) -> np.ndarray:
+        """(n_images, n_labels) probabilities, each an independent sigmoid: rows need not sum to 1."""
+        labels = list(labels)
+        if not labels:
+            raise ValueError("zero_shot needs at least one label")
+        texts = [template.format(label) for label in labels]
+        return _sigmoid(self.logits(self.encode_images(images), self.encode_texts(texts)))
+
+    def rank_images(self, query: str, images, top_k: int | None = None) -> list[tuple[int, float]]:
+        """Text -> image retrieval: (image index, probability) best first."""
+        probs = _sigmoid(self.logits(self.encode_images(images), self.encode_texts([query])))[:, 0]
+        return _top(probs, top_k)
+
+    def rank_texts(self, image, texts: Sequence[str], top_k: int | None = None) -> list[tuple[int, float]]:
+        """Image -> text retrieval: (text index, probability) best first."""
+        probs = _sigmoid(self.logits(self.encode_images([image]), self.encode_texts(list(texts))))[0]
+        return _top(probs, top_k)
+
+    def save(self, directory: str | Path, overwrite: bool = False) -> Path:
+        """A self-contained checkpoint directory (params, config, tokenizer and preprocessor files)."""
+        leaves = {path: np.asarray(value) for path, value in flatten(nnx.to_pure_dict(nnx.state(self.model, nnx.Param))).items()}
+        return write_checkpoint(directory, self.config, leaves, source=self.config.name,
+                                assets_from=self.assets_dir, overwrite=overwrite)
+
+    # ---- internals --------------------------------------------------------------------------------
+    def _require(self, tower: str):
+        cfg = getattr(self.config, tower)
+        if cfg is None:
+            raise ValueError(f"this checkpoint has no {tower} tower")
+        return cfg
+
+    def _bucket(self, n: int) -> int:
+        """The compiled batch size that holds n: a power of two (times the data-parallel size)."""
+        shards = self.mesh.shape["data"] if self.mesh is not None else 1
+        per_shard = -(-n // shards)
+        return shards * (1 << max(per_shard - 1, 0).bit_length())
+
+    def _put(self, batch):
+        if self.mesh is None:
+            return jax.tree.map(jnp.asarray, batch)
+        return jax.tree.map(lambda x: jax.device_put(x, batch_sharding(self.mesh, x.ndim)), batch)
+
+    def _run(self, fn, inputs, n: int) -> np.ndarray:
+        return np.asarray(self._dispatch(fn, inputs, n))[:n]
+
+    def _dispatch(self, fn, inputs, n: int) -> jax.Array:
+        size = self._bucket(n)
+        padded = jax.tree.map(lambda x: np.concatenate([x, np.zeros((size - n, *x.shape[1:]), x.dtype)]) if size > n else x, inputs)
+        if isinstance(padded, dict) and "spatial_shapes" in padded:
+            padded["spatial_shapes"][n:] = 1  # padding images: a 1x1 grid, never 0x0
+            padded["mask"][n:, 0] = 1
+        return fn(self._state, self._put(padded))
+
+    def _map_batches(self, fn, items: list, prepare) -> np.ndarray:
+        if not items:
+            raise ValueError("nothing to encode: the input is empty")
+        chunks = [items[s:s + self.batch_size] for s in range(0, len(items), self.batch_size)]
+        return np.concatenate([self._run(fn, prepare(chunk), len(chunk)) for chunk in chunks])
+
+
+def load(source: str | Path = DEFAULT_MODEL, *, dtype=jnp.float32, mesh=None, max_num_patches: int | None = None,
+         batch_size: int = 32, tokenizer=None) -> Siglip2Pipeline:
+    """A siglip2-jax checkpoint dir, a local HF model dir, or a hub id (downloaded, converted in memory).
+
+    dtype: compute dtype (float32 or bfloat16; patch/position embeddings and norms stay float32).
+    mesh: a `jax.sharding.Mesh` with a "data" (and optionally "model") axis; default: one device.
+    max_num_patches: NaFlex patch budget (256 default; 576, 784, 1024 for more detail).
+    """
+    from .tokenizer import Tokenizer
+
+    path = Path(source).expanduser()
+    if is_checkpoint(path):
+        config = read_checkpoint_config(path)
+        shardings = param_shardings(config, mesh) if mesh is not None else None
+        params = restore_params(path, config, shardings)
+        directory = path
+    else:
+        directory = resolve_source(source)
+        config, leaves = iter_hf_params(directory)
+        shardings = flatten(param_shardings(config, mesh)) if mesh is not None else {}
+        params = nest({p: jax.device_put(v, shardings.get(p)) if shardings else jnp.asarray(v) for p, v in leaves})
+        config = dataclasses.replace(config, name=str(source))
+    if tokenizer is None and config.text is not None:
+        try:
+            tokenizer = Tokenizer.from_dir(directory)
+        except FileNotFoundError:
+            tokenizer = None
+    return Siglip2Pipeline(config, params, tokenizer=tokenizer, dtype=dtype, mesh=mesh,
+                           max_num_patches=max_num_patches or _default_budget(directory), batch_size=batch_size,
+                           assets_dir=directory)
+
+
+def _default_budget(directory: Path) -> int:
+    import json
+    try:
+        return int(json.loads((directory / "preprocessor_config.json").read_text()).get("max_num_patches", 256))
+    except (OSError, ValueError, AttributeError):
+        return 256
+
+
+def _as_list(images) -> list:
+    if isinstance(images, np.ndarray) and images.ndim == 4:
+        return list(images)
+    if isinstance(images, (str, Path, bytes, bytearray, np.ndarray)) or not isinstance(images, Sequence):
+        return [images]
+    return list(images)
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def _top(scores: np.ndarray, top_k: int | None) -> list[tuple[int, float]]:
+    order = np.argsort(-scores, kind="stable")[: top_k or len(scores)]
+    return [(int(i), float(scores[i])) for i in order]

@@ -1,0 +1,167 @@
+"""`siglip2_jax.load` end to end against transformers (processor + tokenizer + model), batching without
+recompiles, dense features, save/load, mesh, and the research notebook."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+from PIL import Image
+
+import siglip2_jax
+from siglip2_jax.checkpoint import SourceError, convert
+from siglip2_jax.sharding import make_mesh
+from conftest import hf_dir_for
+
+EMBED_TOL, LOGIT_TOL = 2e-5, 1e-3
+TEXTS = ["a photo of a cat", "A PHOTO OF A DOG", "Ein Foto einer Katze", "фотография кошки", "猫的照片", "😀 emoji",
+         "", "  whitespace   runs\tand\nnewlines ", "café crème brûlée " * 20]
+
+
+@pytest.fixture(scope="module")
+def photo_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("photos")
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, (h, w) in enumerate([(224, 224), (480, 640), (640, 480), (37, 999), (1, 1), (300, 301)]):
+        smooth = np.cumsum(rng.integers(0, 9, (h, w, 3)), axis=1) % 256  # not pure noise
+        path = root / f"photo {i}.png"
+        Image.fromarray(smooth.astype(np.uint8)).save(path)
+        paths.append(path)
+    return paths
+
+
+@torch.no_grad()
+def transformers_answers(hf_dir, paths, texts, template=None):
+    model = transformers.AutoModel.from_pretrained(hf_dir, attn_implementation="eager").eval()
+    processor = transformers.SiglipImageProcessorPil(size={"height": 224, "width": 224}, resample=2, do_rescale=True,
+                                                     rescale_factor=1 / 255, do_normalize=True,
+                                                     image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    tokenizer = transformers.Siglip2Tokenizer.from_pretrained(hf_dir, add_bos_token=False, add_eos_token=True,
+                                                              padding_side="right")
+    pixels = processor(images=[Image.open(p).convert("RGB") for p in paths], return_tensors="pt")["pixel_values"]
+    texts = [template.format(t) for t in texts] if template else texts
+    ids = tokenizer(texts, padding="max_length", max_length=64, truncation=True, return_tensors="pt")["input_ids"]
+    out = model(pixel_values=pixels, input_ids=ids)
+    return out.image_embeds.numpy(), out.text_embeds.numpy(), torch.sigmoid(out.logits_per_image).numpy()
+
+
+@pytest.mark.parametrize("source", ["hf", "orbax"])
+def test_end_to_end_equals_transformers(fixres, photo_files, source):
+    hf_dir, ours_dir = fixres
+    model = siglip2_jax.load(hf_dir if source == "hf" else ours_dir)
+    images, texts, _ = transformers_answers(hf_dir, photo_files, TEXTS)
+    assert np.abs(model.encode_images(photo_files) - images).max() <= EMBED_TOL
+    assert np.abs(model.encode_texts(TEXTS) - texts).max() <= EMBED_TOL
+    labels = ["cat", "dog", "Katze"]
+    _, _, probs = transformers_answers(hf_dir, photo_files, labels, template="This is a photo of {}.")
+    ours = model.zero_shot(photo_files, labels)
+    assert ours.shape == (len(photo_files), 3) and np.abs(ours - probs).max() <= LOGIT_TOL
+
+
+def test_end_to_end_fails_without_lowercasing(fixres, photo_files):
+    hf_dir, _ = fixres
+    model = siglip2_jax.load(hf_dir)
+    from siglip2_jax.tokenizer import Tokenizer
+
+    model.tokenizer = Tokenizer.from_dir(hf_dir, lowercase="none")
+    _, reference, _ = transformers_answers(hf_dir, photo_files[:1], ["A PHOTO OF A DOG"])
+    assert np.abs(model.encode_texts(["A PHOTO OF A DOG"]) - reference).max() > EMBED_TOL
+
+
+def test_any_batch_size_compiles_a_few_shapes_once(fixres):
+    _, ours_dir = fixres
+    model = siglip2_jax.load(ours_dir, batch_size=8)
+    compiles = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, *_, **__: compiles.append(event) if event == "/jax/core/compile/backend_compile_duration" else None)
+    rng = np.random.default_rng(0)
+    pictures = [rng.integers(0, 256, (50, 60, 3), dtype=np.uint8) for _ in range(21)]
+    model.encode_images(pictures[:8])
+    after_first = len(compiles)
+    for n in (7, 5, 8, 6):                 # all in the bucket of 8: nothing new
+        model.encode_images(pictures[:n])
+    assert len(compiles) == after_first
+    embeds = model.encode_images(pictures)  # 8 + 8 + 5 -> buckets 8, 8, 8
+    assert len(compiles) == after_first and embeds.shape[0] == 21
+    np.testing.assert_allclose(embeds[:7], model.encode_images(pictures[:7]), atol=1e-6)
+
+
+def test_patch_features_fixres(fixres, photo_files):
+    model = siglip2_jax.load(fixres[1])
+    dense = model.patch_features(photo_files[:2])
+    assert dense.features.shape == (2, 196, model.config.vision.width)
+    assert dense.mask.all() and (dense.grid == 14).all()
+    assert dense.positions[0, 15].tolist() == [1, 1] and dense.positions[0, -1].tolist() == [13, 13]
+
+
+def test_retrieval_rankings_agree_with_zero_shot(fixres, photo_files):
+    model = siglip2_jax.load(fixres[1])
+    probs = model.zero_shot(photo_files, ["cat", "dog"], template="{}")
+    ranking = model.rank_images("cat", photo_files)
+    assert [i for i, _ in ranking] == list(np.argsort(-probs[:, 0], kind="stable"))
+    assert np.isclose(ranking[0][1], probs[:, 0].max(), atol=1e-6)
+    texts = model.rank_texts(photo_files[0], ["cat", "dog"], top_k=1)
+    assert texts[0][0] == int(np.argmax(probs[0]))
+
+
+def test_save_and_load_again(fixres, photo_files, tmp_path):
+    model = siglip2_jax.load(fixres[0])
+    model.save(tmp_path / "saved")
+    assert (tmp_path / "saved" / "tokenizer.model").exists()
+    again = siglip2_jax.load(tmp_path / "saved")
+    np.testing.assert_array_equal(again.encode_images(photo_files[:2]), model.encode_images(photo_files[:2]))
+    np.testing.assert_array_equal(again.encode_texts(TEXTS), model.encode_texts(TEXTS))
+
+
+def test_mesh_equals_single_device(fixres, photo_files):
+    single = siglip2_jax.load(fixres[1])
+    sharded = siglip2_jax.load(fixres[1], mesh=make_mesh(model_parallel=2))
+    assert np.abs(sharded.encode_images(photo_files) - single.encode_images(photo_files)).max() <= 1e-6
+    assert np.abs(sharded.encode_texts(TEXTS) - single.encode_texts(TEXTS)).max() <= 1e-6
+
+
+def test_naflex_pipeline(tmp_path, tokenizer_model, photo_files):
+    directory = hf_dir_for(tmp_path, "siglip2-base-patch16-naflex", tokenizer_model)
+    model = siglip2_jax.load(directory, max_num_patches=576)
+    assert model.config.naflex
+    probs = model.zero_shot(photo_files, ["cat", "dog"])
+    assert probs.shape == (len(photo_files), 2) and np.isfinite(probs).all()
+    dense = model.patch_features(photo_files[:3])
+    assert dense.features.shape[:2] == (3, 576)
+    for i, (rows, cols) in enumerate(dense.grid):
+        assert dense.mask[i].sum() == rows * cols
+        assert dense.positions[i, rows * cols - 1].tolist() == [rows - 1, cols - 1]
+        assert (dense.positions[i, rows * cols:] == -1).all()
+
+
+def test_load_errors_are_one_clear_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SourceError, match="no such directory"):
+        siglip2_jax.load(tmp_path / "nowhere")
+    with pytest.raises(SourceError, match="pass the local directory"):
+        siglip2_jax.load("google/siglip2-base-patch16-224")
+
+
+def test_notebook_runs_top_to_bottom(fixres, tmp_path):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    path = Path(__file__).parents[1] / "notebooks" / "01_zero_shot_and_retrieval.ipynb"
+    notebook = nbformat.read(path, as_version=4)
+    env = {"SIGLIP2_MODEL": str(fixres[1]), "MPLBACKEND": "Agg"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
+                                resources={"metadata": {"path": str(tmp_path)}}).execute()
+    finally:
+        for k, v in old.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    outputs = "".join(o.get("text", "") for c in notebook.cells if c.cell_type == "code" for o in c.outputs)
+    assert "best label" in outputs
