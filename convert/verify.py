@@ -28,8 +28,8 @@ class Report:
     criterion: str
 
     def lines(self) -> list[str]:
-        out = [f"  {name:<14} max|Δ| {self.diffs[name]:.3e}   min cosine {self.cosines.get(name, float('nan')):.7f}"
-               for name in self.diffs]
+        out = [f"  {name:<14} max|Δ| {self.diffs[name]:.3e}"
+               + (f"   min cosine {self.cosines[name]:.7f}" if name in self.cosines else "") for name in self.diffs]
         return out + [f"  {'PASS' if self.passed else 'FAIL'} ({self.criterion})"]
 
 

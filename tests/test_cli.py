@@ -118,3 +118,12 @@ def test_help_teaches():
         run = cli(*args, "--help")
         assert run.returncode == 0 and "MODEL" in run.stdout
     assert "exit status" in cli("classify", "--help").stdout
+
+
+def test_classify_naflex_model_with_budget(tmp_path, tokenizer_model, odd_images):
+    from conftest import hf_dir_for
+
+    model_dir = hf_dir_for(tmp_path, "siglip2-base-patch16-naflex", tokenizer_model)
+    run = cli("classify", model_dir, *odd_images[:4], "--labels", "cat", "dog", "--max-num-patches", "576", "--json")
+    assert run.returncode == 0, run.stderr
+    assert len(json.loads(run.stdout)) == 4

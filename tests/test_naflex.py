@@ -91,27 +91,43 @@ def test_scaled_down_naflex_matches_transformers(name, budget, tmp_path, monkeyp
     print(f"{name} budget {budget}: {d}")
     assert_parity(d)
 
-    # the same comparison fails once the position resize loses its antialias
-    def no_antialias(out_size, in_size, rows):
-        scale = in_size / out_size.astype(jnp.float32)
-        center = (rows.astype(jnp.float32) + 0.5) * scale - 0.5
-        taps = jnp.arange(in_size, dtype=jnp.float32)
-        w = jnp.maximum(0.0, 1.0 - jnp.abs(taps - jnp.clip(center, 0, in_size - 1)[..., None]))
-        return w / w.sum(-1, keepdims=True)
+    assert_fails_without_antialias(model, inputs, ids, ref, monkeypatch)
 
+
+def no_antialias(out_size, in_size, rows):
+    """Plain bilinear (align_corners=False) without widening the filter when shrinking."""
+    scale = in_size / out_size.astype(jnp.float32)
+    center = (rows.astype(jnp.float32) + 0.5) * scale - 0.5
+    taps = jnp.arange(in_size, dtype=jnp.float32)
+    w = jnp.maximum(0.0, 1.0 - jnp.abs(taps - jnp.clip(center, 0, in_size - 1)[..., None]))
+    return w / w.sum(-1, keepdims=True)
+
+
+def assert_fails_without_antialias(model, inputs, ids, ref, monkeypatch):
+    """The same comparison goes red once the position resize loses its antialias."""
     monkeypatch.setattr(vision, "bilinear_antialias_weights", no_antialias)
     with pytest.raises(AssertionError):
         assert_parity(diffs(our_outputs(model, inputs, ids), ref, inputs["mask"]))
 
 
 @pytest.mark.slow
-def test_full_size_base_naflex_matches_transformers(tmp_path):
+def test_full_size_base_naflex_matches_transformers(tmp_path, monkeypatch):
     model, reference, inputs, ids = setup(tmp_path, "siglip2-base-patch16-naflex", scaled=False, seed=5)
     ref = reference_outputs(reference, inputs, ids)
     del reference
     d = diffs(our_outputs(model, inputs, ids), ref, inputs["mask"])
     print(f"base-patch16-naflex full size: {d}")
     assert_parity(d)
+    assert_fails_without_antialias(model, inputs, ids, ref, monkeypatch)
+
+
+def test_convert_verify_certifies_naflex(tmp_path):
+    from siglip2_convert.verify import verify
+
+    setup(tmp_path, "siglip2-so400m-patch16-naflex", scaled=True)
+    report = verify(tmp_path / "hf", tmp_path / "ours")
+    print("\n".join(report.lines()))
+    assert report.passed and report.diffs["image embeds"] <= EMBED_TOL
 
 
 def test_new_aspect_ratios_compile_nothing(tmp_path):

@@ -123,34 +123,39 @@ def read_checkpoint_config(directory: str | Path) -> Siglip2Config:
 
 def restore_params(directory: str | Path, config: Siglip2Config | None = None, shardings: dict | None = None) -> dict:
     """Params as jax arrays placed straight onto `shardings` (nested dict of `jax.sharding.Sharding`;
-    default: the first device), without a detour through host memory of the whole tree."""
+    default: the first device), each device reading only its own shards."""
     directory = Path(directory)
     if not is_checkpoint(directory):
         raise ConfigError(f"{directory}: not a siglip2-jax checkpoint (no params/ and config.json)")
     config = config if config is not None else read_checkpoint_config(directory)
     expected = flat_param_shapes(config)
     flat_shardings = flatten(shardings) if shardings is not None else {}
-    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
     groups: dict[str, list[str]] = {}
     for path in expected:
         groups.setdefault(group_of(path), []).append(path)
+    # Orbax holds a second copy of an item while reading it: the biggest items first keep that copy on
+    # top of little else, so the peak stays near the size of the params.
+    order = sorted(groups, key=lambda g: -sum(np.prod(expected[p].shape) for p in groups[g]))
     restored = {}
-    for group, paths in sorted(groups.items()):
+    for group in order:
         item = directory / "params" / group
         if not item.is_dir():
             raise ConfigError(f"{directory}: params/{group} is missing (incomplete or foreign checkpoint)")
         stored = flatten(_metadata_tree(checkpointer, item))
-        if set(stored) != set(paths):
-            missing, extra = sorted(set(paths) - set(stored)), sorted(set(stored) - set(paths))
+        if set(stored) != set(groups[group]):
+            missing, extra = sorted(set(groups[group]) - set(stored)), sorted(set(stored) - set(groups[group]))
             raise ConfigError(f"{item}: params do not match config.json (missing {missing[:3]}, unexpected {extra[:3]})")
-        target = {}
+        args = {}
         for path, meta in stored.items():
             if tuple(meta.shape) != tuple(expected[path].shape):
                 raise ConfigError(f"{item}: {path} has shape {tuple(meta.shape)}, config.json implies {expected[path].shape}")
-            target[path] = jax.ShapeDtypeStruct(meta.shape, meta.dtype, sharding=flat_shardings.get(path, default))
-        restore_args = jax.tree.map(lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding, global_shape=t.shape, dtype=t.dtype), nest(target))
-        restored.update(flatten(checkpointer.restore(item, ocp.args.PyTreeRestore(nest(target), restore_args=restore_args))))
+            sharding = flat_shardings.get(path)
+            args[path] = (ocp.ArrayRestoreArgs(sharding=sharding, global_shape=tuple(meta.shape), dtype=meta.dtype)
+                          if sharding is not None else ocp.RestoreArgs(restore_type=np.ndarray, dtype=meta.dtype))
+        values = flatten(checkpointer.restore(item, ocp.args.PyTreeRestore(restore_args=nest(args))))
+        # host arrays (no sharding asked for) go to the default device; on CPU that is not even a copy
+        restored.update({p: v if flat_shardings.get(p) is not None else jax.device_put(v) for p, v in values.items()})
     return nest(restored)
 
 
