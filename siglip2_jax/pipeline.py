@@ -186,7 +186,10 @@ class Siglip2Pipeline:
         if not items:
             raise ValueError("nothing to encode: the input is empty")
         chunks = [items[s:s + self.batch_size] for s in range(0, len(items), self.batch_size)]
-        return np.concatenate([self._run(fn, prepare(chunk), len(chunk)) for chunk in chunks])
+        # dispatch every batch before reading any result back: JAX runs them asynchronously, so the
+        # next batch is decoded and preprocessed while the previous one computes
+        pending = [(self._dispatch(fn, prepare(chunk), len(chunk)), len(chunk)) for chunk in chunks]
+        return np.concatenate([np.asarray(out)[:n] for out, n in pending])
 
 
 def load(source: str | Path = DEFAULT_MODEL, *, dtype=jnp.float32, mesh=None, max_num_patches: int | None = None,

@@ -66,7 +66,7 @@ def assert_parity(d):
     assert d["tokens"] <= HIDDEN_TOL and d["hidden"] <= HIDDEN_TOL, d
 
 
-def setup(tmp_path, name, scaled, budget=256, seed=0):
+def setup(tmp_path, name, scaled, budget=256, seed=0, **model_kw):
     hf = preset_hf_config(name)
     if scaled:
         hf = scaled_down(hf)
@@ -74,17 +74,20 @@ def setup(tmp_path, name, scaled, budget=256, seed=0):
     save_reference(reference, tmp_path / "hf")
     convert(tmp_path / "hf", tmp_path / "ours")
     config = read_checkpoint_config(tmp_path / "ours")
-    model = model_from_params(config, restore_params(tmp_path / "ours", config))
+    model = model_from_params(config, restore_params(tmp_path / "ours", config), **model_kw)
     inputs = preprocess_naflex(images(SIZES), 16, budget)
     rng = np.random.default_rng(1)
     ids = rng.integers(0, hf["text_config"]["vocab_size"], (3, 64)).astype(np.int32)
     return model, reference, inputs, ids
 
 
-@pytest.mark.parametrize("name,budget", [("siglip2-base-patch16-naflex", 256), ("siglip2-so400m-patch16-naflex", 256),
-                                         ("siglip2-base-patch16-naflex", 576)])
-def test_scaled_down_naflex_matches_transformers(name, budget, tmp_path, monkeypatch):
-    model, reference, inputs, ids = setup(tmp_path, name, scaled=True, budget=budget)
+@pytest.mark.parametrize("name,budget,implementation", [
+    ("siglip2-base-patch16-naflex", 256, None), ("siglip2-so400m-patch16-naflex", 256, None),
+    ("siglip2-base-patch16-naflex", 576, None),
+    ("siglip2-base-patch16-naflex", 256, "xla"),   # masks through jax.nn.dot_product_attention (the GPU path)
+])
+def test_scaled_down_naflex_matches_transformers(name, budget, implementation, tmp_path, monkeypatch):
+    model, reference, inputs, ids = setup(tmp_path, name, scaled=True, budget=budget, attention_impl=implementation)
     assert len({tuple(s) for s in inputs["spatial_shapes"]}) >= 8
     ref = reference_outputs(reference, inputs, ids)
     d = diffs(our_outputs(model, inputs, ids), ref, inputs["mask"])

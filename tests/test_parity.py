@@ -132,3 +132,12 @@ def test_parity_fails_when_one_op_changes(small_pair, change):
     d = max_diffs(our_outputs(model_from_params(changed, params), pixels, ids), ref)
     with pytest.raises(AssertionError):
         assert_parity(d)
+
+
+@pytest.mark.parametrize("implementation", ["xla", "einsum"])
+def test_both_attention_paths_match_transformers(small_pair, implementation):
+    """The GPU path (jax.nn.dot_product_attention, cuDNN there) and the CPU/TPU einsum path, both on CPU."""
+    config, params, pixels, ids, ref = small_pair
+    model = model_from_params(config, params, attention_impl=implementation)
+    assert model.vision.encoder.blocks.attn.implementation == implementation
+    assert_parity(max_diffs(our_outputs(model, pixels, ids), ref))

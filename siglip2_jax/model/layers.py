@@ -72,6 +72,12 @@ class Attention(nnx.Module):
 
     Self-attention runs the fused projection as one matmul; the MAP head's cross-attention (a learned
     query against the tokens) uses the same weights, split into the query part and the key/value part.
+
+    `implementation`: "einsum" computes heads-major attention with plain einsums (the fastest on CPU:
+    ~15% over the generic path, no layout transposes); "xla" or "cudnn" call
+    `jax.nn.dot_product_attention` with that implementation (cudnn: flash attention on NVIDIA GPUs);
+    None picks cudnn-capable `dot_product_attention` on GPU and "einsum" elsewhere. The softmax is
+    float32 in every case.
     """
 
     def __init__(self, width: int, num_heads: int, *, dtype, param_dtype, rngs, implementation=None):
@@ -89,14 +95,33 @@ class Attention(nnx.Module):
         c = self.dtype
         w, b = self.qkv_kernel[...].astype(c), self.qkv_bias[...].astype(c)
         x = x.astype(c)
+        impl = self.implementation or ("einsum" if jax.default_backend() != "gpu" else None)
+        if impl == "einsum":
+            out = self._einsum_attention(x, w, b, key_mask, query)
+            return jnp.einsum("bhte,hed->btd", out, self.out_kernel[...].astype(c)) + self.out_bias[...].astype(c)
         if query is None:
             q, k, v = jnp.unstack(jnp.einsum("bsd,dkhe->kbshe", x, w) + b[:, None, None], axis=0)
         else:
             q = jnp.einsum("btd,dhe->bthe", query.astype(c), w[:, 0]) + b[0]
             k, v = jnp.unstack(jnp.einsum("bsd,dkhe->kbshe", x, w[:, 1:]) + b[1:, None, None], axis=0)
         mask = None if key_mask is None else key_mask[:, None, None, :]
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=self.scale, implementation=self.implementation)
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=self.scale, implementation=impl)
         return jnp.einsum("bthe,hed->btd", out, self.out_kernel[...].astype(c)) + self.out_bias[...].astype(c)
+
+    def _einsum_attention(self, x, w, b, key_mask, query) -> Array:
+        """Heads-major (B, H, T, E) attention: every einsum is a plain batched matmul."""
+        if query is None:
+            qkv = jnp.einsum("bsd,dkhe->kbhse", x, w) + b[:, None, :, None]
+            q, k, v = qkv[0], qkv[1], qkv[2]
+        else:
+            q = jnp.einsum("btd,dhe->bhte", query.astype(x.dtype), w[:, 0]) + b[0][None, :, None]
+            kv = jnp.einsum("bsd,dkhe->kbhse", x, w[:, 1:]) + b[1:, None, :, None]
+            k, v = kv[0], kv[1]
+        logits = jnp.einsum("bhte,bhse->bhts", q, k, preferred_element_type=jnp.float32) * self.scale
+        if key_mask is not None:
+            logits = jnp.where(key_mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+        return jnp.einsum("bhts,bhse->bhte", probs, v)
 
 
 class EncoderBlock(nnx.Module):
