@@ -18,6 +18,9 @@ commands:
   convert SRC OUT              Hugging Face weights (hub id or local dir) -> a siglip2-jax checkpoint;
                                --verify certifies it against transformers.
   classify [MODEL] IMAGE...    zero-shot classification: sigmoid probability of each --labels entry.
+  embed MODEL INPUT OUT        embed a folder / list of images (or --texts captions): sharded over all
+                               devices and hosts, resumable after any crash.
+  search OUT "query"           rank an embedded collection by a text (or --image) query.
 
 MODEL is a siglip2-jax checkpoint directory, a Hugging Face model directory, or a hub id
 (default google/siglip2-base-patch16-224; hub ids need a network the first time).
@@ -66,8 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _command_modules() -> list:
     from .embed import register as register_embed
     from .search import register as register_search
-    from .train import register as register_finetune
-    return [register_embed, register_search, register_finetune]
+    return [register_embed, register_search]
 
 
 CLASSIFY_EPILOG = """\

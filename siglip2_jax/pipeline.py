@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .checkpoint import (SourceError, is_checkpoint, iter_hf_params, read_checkpoint_config, read_hf_config,
-                         resolve_source, restore_params, write_checkpoint)
+from .checkpoint import (is_checkpoint, iter_hf_params, read_checkpoint_config, resolve_source, restore_params,
+                         write_checkpoint)
 from .config import Siglip2Config
 from .images import preprocess_fixres, preprocess_naflex
 from .model.build import flatten, model_from_params, nest

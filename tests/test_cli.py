@@ -4,28 +4,12 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import struct
-import subprocess
-import sys
-import zlib
 
 import numpy as np
 import pytest
 from PIL import Image
 
-
-def cli(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "siglip2_jax.cli", *map(str, args)], capture_output=True,
-                          text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
-
-
-def png_header_only(width, height):
-    """A PNG that declares width x height pixels and holds none: a decompression bomb's header."""
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+from conftest import cli, png_header_only
 
 
 @pytest.fixture(scope="module")

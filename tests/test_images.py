@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import io
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image, ImageFile, features
 
+from conftest import png_header_only
 from siglip2_jax.images import (
     ImageError,
     load_image,
@@ -293,16 +292,6 @@ def test_webp(mode_files):
 # ------------------------------------------------------------------------------------------ broken inputs
 
 
-def _png_header_only(width: int, height: int) -> bytes:
-    """A PNG that declares width x height pixels and holds none: a decompression bomb's header."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
-
-
 def _jpeg_bytes(size=(256, 256)) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(_random_images([size])[0]).save(buffer, "JPEG", quality=90)
@@ -327,7 +316,7 @@ def _assert_image_error(source, *expected_in_message: str):
         ("noise.jpg", np.random.default_rng(5).integers(0, 256, 5000, dtype=np.uint8).tobytes(), "not an image"),
         ("truncated.jpg", _jpeg_bytes()[:3000], "truncated"),
         ("truncated.png", None, "cannot decode"),
-        ("bomb.png", _png_header_only(100_000, 100_000), "decompression bomb"),
+        ("bomb.png", png_header_only(100_000, 100_000), "decompression bomb"),
     ],
 )
 def test_broken_files_raise_image_error_naming_the_file(tmp_path, name, content, reason):

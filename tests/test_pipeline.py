@@ -3,10 +3,6 @@ recompiles, dense features, save/load, mesh, and the research notebook."""
 
 from __future__ import annotations
 
-import os
-import shutil
-from pathlib import Path
-
 import jax
 import numpy as np
 import pytest
@@ -15,9 +11,9 @@ import transformers
 from PIL import Image
 
 import siglip2_jax
-from siglip2_jax.checkpoint import SourceError, convert
+from siglip2_jax.checkpoint import SourceError
 from siglip2_jax.sharding import make_mesh
-from conftest import hf_dir_for
+from conftest import hf_dir_for, run_notebook
 
 EMBED_TOL, LOGIT_TOL = 2e-5, 1e-3
 TEXTS = ["a photo of a cat", "A PHOTO OF A DOG", "Ein Foto einer Katze", "фотография кошки", "猫的照片", "😀 emoji",
@@ -150,18 +146,11 @@ def test_load_errors_are_one_clear_line(tmp_path, monkeypatch):
 
 
 def test_notebook_runs_top_to_bottom(fixres, tmp_path):
-    nbformat = pytest.importorskip("nbformat")
-    nbclient = pytest.importorskip("nbclient")
-    path = Path(__file__).parents[1] / "notebooks" / "01_zero_shot_and_retrieval.ipynb"
-    notebook = nbformat.read(path, as_version=4)
-    env = {"SIGLIP2_MODEL": str(fixres[1]), "MPLBACKEND": "Agg"}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
-                                resources={"metadata": {"path": str(tmp_path)}}).execute()
-    finally:
-        for k, v in old.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
-    outputs = "".join(o.get("text", "") for c in notebook.cells if c.cell_type == "code" for o in c.outputs)
+    outputs = run_notebook("01_zero_shot_and_retrieval.ipynb", tmp_path, SIGLIP2_MODEL=str(fixres[1]))
     assert "best label" in outputs
+
+
+def test_load_a_relative_checkpoint_path(fixres, photo_files, monkeypatch):
+    monkeypatch.chdir(fixres[1].parent)
+    model = siglip2_jax.load(fixres[1].name)
+    assert model.encode_images(photo_files[:1]).shape[0] == 1

@@ -124,7 +124,7 @@ def read_checkpoint_config(directory: str | Path) -> Siglip2Config:
 def restore_params(directory: str | Path, config: Siglip2Config | None = None, shardings: dict | None = None) -> dict:
     """Params as jax arrays placed straight onto `shardings` (nested dict of `jax.sharding.Sharding`;
     default: the first device), each device reading only its own shards."""
-    directory = Path(directory)
+    directory = Path(directory).absolute()  # Orbax resolves relative paths wrongly
     if not is_checkpoint(directory):
         raise ConfigError(f"{directory}: not a siglip2-jax checkpoint (no params/ and config.json)")
     config = config if config is not None else read_checkpoint_config(directory)

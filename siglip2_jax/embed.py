@@ -1,0 +1,527 @@
+"""`siglip2-jax embed MODEL INPUT OUT`: embed a whole collection on every device of every host, resumably.
+
+The inputs (a folder's files in sorted order, the lines of a list file, or captions) are cut into parts of
+`part_size` consecutive inputs. Each process embeds the parts dealt to it (round robin over the parts not
+yet done) on a mesh of its local devices and writes each finished part as two files; a part whose index
+file exists is done. A run killed at any moment (kill -9 included) is continued by the same command: it
+redoes only the parts that were not finished, batch for batch as before, so the result is bit-identical
+to an uninterrupted run and holds every input exactly once.
+
+Output (OUT/), version 1:
+
+    manifest.json       what was embedded and how: {"format": "siglip2-jax-embeddings", "format_version": 1,
+                        "kind": "image" | "text", "model": {"source", "fingerprint"},
+                        "input": {"source", "listing": "folder" | "list" | "texts", "count", "sha256"},
+                        "options": {"dtype", "batch_size", "part_size", "max_num_patches", "model_parallel"},
+                        "dim", "num_parts", and, once every part is done, "result": {"embedded", "refused"}}
+    parts/000123.npy    the embeddings of part 123 (inputs 123 * part_size ... 124 * part_size - 1 of the
+                        listing, those that could be read, in listing order): a standard .npy array of shape
+                        (rows, dim), float32 or float16, L2-normalized
+    parts/000123.json   its index, written after the .npy, so its presence marks the part done:
+                        {"part": 123, "indices": [listing position of each row], "paths": [input of each row],
+                        "refused": [{"index", "path", "reason"}, ...], "process": the process that wrote it}
+    refused.jsonl       all refused inputs, one {"index", "path", "reason"} per line (written at the end)
+
+Paths are absolute (a folder's files; a list file's entries relative to its folder); for `--texts` the
+"paths" are the captions. Every file is written under a temporary name, fsynced, then renamed into place:
+a reader never sees a torn file. `read_embeddings(OUT)` returns (paths, array) in listing order.
+
+Multi-host: every process lists the inputs itself, reads only the files of its own parts, and writes only
+its own part files; OUT must be on a file system all hosts share. The parts are global, so a job can be
+continued with a different number of processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import dataclasses
+import functools
+import gc
+import hashlib
+import itertools
+import json
+import os
+import socket
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from . import distributed
+from .data import DecodeBatch, ImagePreprocessor, iterate, list_files, make_loader, read_lines, read_path_list
+
+FORMAT, FORMAT_VERSION = "siglip2-jax-embeddings", 1
+DTYPES = ("float32", "float16")
+FLAGS = {"dtype": "--dtype", "batch_size": "--batch-size", "part_size": "--part-size",
+         "max_num_patches": "--max-num-patches", "model_parallel": "--model-parallel"}
+
+
+class EmbedError(ValueError):
+    """A problem with the arguments, the model or OUT; the message is one line naming the culprit."""
+
+
+@dataclasses.dataclass
+class EmbedResult:
+    out: Path
+    inputs: int
+    embedded: int
+    refused: list[dict]
+    complete: bool
+
+    @property
+    def exit_status(self) -> int:
+        return 0 if self.complete and not self.refused else 1
+
+
+# ------------------------------------------------------------------------------------------------ embed
+
+
+def embed(model, inputs: str | Path, out: str | Path, *, texts: bool = False, dtype: str = "float32",
+          batch_size: int = 128, part_size: int = 4096, max_num_patches: int | None = None, model_parallel: int = 1,
+          mesh=None, workers: int | None = None, progress: bool = True) -> EmbedResult:
+    """Embeds INPUT (a folder, a text file of paths, or with `texts` a text file of captions) into OUT.
+
+    model: a checkpoint dir, HF dir or hub id; or a `Siglip2Pipeline` loaded from one (it is then used
+        as it is: its mesh and NaFlex patch budget, and its compiled functions).
+    mesh: where to run a model given by path (default: this process's devices as a (data,
+        model_parallel) mesh).
+    workers: decoding processes (0: decode in this process, while the devices compute). Default: 0 on
+        CPU, one per CPU core but one (at most 32) with accelerators.
+    Raises EmbedError (bad arguments, or OUT made with another model, input or options). Call
+    `distributed.initialize` first for a multi-host job.
+    """
+    import jax
+
+    from .pipeline import Siglip2Pipeline, _default_budget, load
+    from .sharding import make_mesh
+
+    if dtype not in DTYPES:
+        raise EmbedError(f"--dtype {dtype}: choose float32 or float16")
+    for flag, value in (("--batch-size", batch_size), ("--part-size", part_size), ("--model-parallel", model_parallel)):
+        if value < 1:
+            raise EmbedError(f"{flag} {value}: must be at least 1")
+    out = Path(os.path.abspath(out))
+    kind = "text" if texts else "image"
+    listing, items = _list_inputs(inputs, texts, out)
+    pipeline = model if isinstance(model, Siglip2Pipeline) else None
+    if pipeline is not None and pipeline.assets_dir is None:
+        raise EmbedError("this pipeline was not loaded from a directory: pass the model's path instead")
+    model_source, model_dir, config = _resolve_model(pipeline.assets_dir if pipeline is not None else model)
+    if (config.vision if kind == "image" else config.text) is None:
+        raise EmbedError(f"{model_source}: this checkpoint has no {kind} tower")
+    if pipeline is not None:
+        mesh, max_num_patches = pipeline.mesh, pipeline.max_num_patches
+    elif mesh is None:
+        mesh = make_mesh(model_parallel, jax.local_devices())
+    budget = (max_num_patches or _default_budget(model_dir)) if config.naflex and kind == "image" else None
+    preprocess = _preprocessor(kind, config, model_dir, budget, pipeline)
+    manifest = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "kind": kind,
+        "model": {"source": model_source, "fingerprint": fingerprint(model_dir)},
+        "input": {"source": os.path.abspath(inputs), "listing": listing, "count": len(items),
+                  "sha256": hashlib.sha256("\0".join(items).encode("utf-8", "surrogateescape")).hexdigest()},
+        "options": {"dtype": dtype, "batch_size": batch_size, "part_size": part_size,
+                    "max_num_patches": budget, "model_parallel": int(mesh.shape["model"]) if mesh is not None else 1},
+        "dim": config.embed_dim, "num_parts": -(-len(items) // part_size),
+    }
+    _open(out, manifest)
+
+    # Every process must deal the parts alike: all take process 0's view of which are done.
+    done = distributed.agree(_done_parts(out, manifest["num_parts"]))
+    pending = [part for part in range(manifest["num_parts"]) if not done[part]]
+    mine = pending[jax.process_index()::jax.process_count()]
+    _remove_stale_temporaries(out / "parts", set(mine))
+    if mine:
+        plans = _plan_batches(mine, items, part_size, batch_size)
+        if workers is None:
+            # On CPU the devices are the cores: worker processes would take them from the model, while
+            # this thread can decode the next batch as XLA's threads compute the current one.
+            workers = 0 if jax.default_backend() == "cpu" else min(32, max(1, (os.cpu_count() or 2) - 1))
+        batches = iterate(make_loader(plans, DecodeBatch(preprocess), workers=workers))
+        if pipeline is None:
+            # Load and place the weights while the workers start and decode the first batch.
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                first = pool.submit(next, batches)
+                pipeline = load(model_source, mesh=mesh, max_num_patches=budget, batch_size=batch_size)
+                batches = itertools.chain([first.result()], batches)
+                del first  # holds the first batch
+        _embed_parts(pipeline, batches, manifest, sum(len(p["sources"]) for p in plans), out, progress)
+    distributed.barrier("siglip2_jax.embed: all parts written")
+    return _finish(out, manifest, write=jax.process_index() == 0)
+
+
+def _plan_batches(parts: list[int], items: list[str], part_size: int, batch_size: int) -> list[dict]:
+    """The batches of each part, planned before any file is read, so that a rerun computes a part with
+    exactly the same batches (same shapes, same rows): bit-identical embeddings."""
+    plans = []
+    for part in parts:
+        start, stop = part * part_size, min((part + 1) * part_size, len(items))
+        for first in range(start, stop, batch_size):
+            last = min(first + batch_size, stop)
+            plans.append({"part": part, "ends_part": last == stop, "indices": np.arange(first, last),
+                          "sources": items[first:last]})
+    return plans
+
+
+def _preprocessor(kind: str, config, model_dir: Path, budget: int | None, pipeline):
+    """What the workers run on each input: settings and a tokenizer only, no weights."""
+    if kind == "image":
+        return ImagePreprocessor(config.vision.image_size, config.vision.patch_size, budget)
+    from .tokenizer import Tokenizer
+
+    try:
+        tokenizer = pipeline.tokenizer if pipeline is not None else Tokenizer.from_dir(model_dir)
+    except FileNotFoundError:
+        tokenizer = None
+    if tokenizer is None:
+        raise EmbedError(f"{model_dir}: no tokenizer (tokenizer.model or tokenizer.json) to read captions with")
+    return functools.partial(tokenizer.encode, max_length=config.text.max_length)
+
+
+def _embed_parts(pipeline, batches, manifest: dict, total: int, out: Path, progress: bool) -> None:
+    from tqdm import tqdm
+
+    kind = manifest["kind"]
+    bar = tqdm(total=total, unit=" img" if kind == "image" else " text", disable=not progress, file=sys.stderr,
+               desc=_progress_name(), dynamic_ncols=True, smoothing=0.05)
+    writer = _PartWriter(out / "parts", np.dtype(manifest["options"]["dtype"]), manifest["dim"], bar)
+    try:
+        in_flight = None
+        for batch in batches:
+            # Dispatch this batch before waiting for the previous one: the devices compute while the
+            # host writes the previous batch and the workers decode the next ones.
+            result = pipeline.embed_preprocessed(batch["inputs"], kind) if len(batch["kept"]) else None
+            if in_flight is not None:
+                writer.add(*in_flight)
+            in_flight = (batch, result)
+        if in_flight is not None:
+            writer.add(*in_flight)
+    finally:
+        bar.close()
+        # the last batches' shared-memory blocks can sit in reference cycles: free them now, or Python's
+        # resource tracker reports them as leaked at exit
+        in_flight = batch = None
+        gc.collect()
+
+
+class _PartWriter:
+    """Collects the batches of one part and writes the part when its last batch arrives."""
+
+    def __init__(self, parts_dir: Path, dtype: np.dtype, dim: int, bar):
+        import jax
+
+        self.parts_dir, self.dtype, self.dim, self.bar = parts_dir, dtype, dim, bar
+        self.process = jax.process_index()
+        self.embeddings, self.indices, self.refused, self.sources = [], [], [], {}
+
+    def add(self, batch: dict, result) -> None:
+        kept = np.asarray(batch["kept"], np.int64)
+        if len(kept):
+            self.embeddings.append(np.asarray(result)[: len(kept)].astype(self.dtype))
+            self.indices.extend(int(i) for i in kept)
+        for index, source, reason in batch["refused"]:
+            self.refused.append({"index": int(index), "path": source, "reason": reason})
+            self.bar.write(f"refused: {source}: {reason}", file=sys.stderr)
+        self.sources.update(zip(map(int, batch["indices"]), batch["sources"]))
+        self.bar.update(len(batch["sources"]))
+        if batch["ends_part"]:
+            self._write(int(batch["part"]))
+
+    def _write(self, part: int) -> None:
+        array = np.concatenate(self.embeddings) if self.embeddings else np.zeros((0, self.dim), self.dtype)
+        index = {"part": part, "indices": self.indices, "paths": [self.sources[i] for i in self.indices],
+                 "refused": self.refused, "process": self.process}
+        name = f"{part:06d}"
+        write_atomic(self.parts_dir / f"{name}.npy", lambda f: np.save(f, array))
+        write_atomic(self.parts_dir / f"{name}.json", _json_bytes(index))  # last: marks the part done
+        self.embeddings, self.indices, self.refused, self.sources = [], [], [], {}
+
+
+def _finish(out: Path, manifest: dict, write: bool) -> EmbedResult:
+    """Counts what all processes wrote; process 0 writes refused.jsonl and the result into the manifest."""
+    embedded, refused, missing = 0, [], 0
+    for part in range(manifest["num_parts"]):
+        index = _read_index(out, part)
+        if index is None:
+            missing += 1
+            continue
+        embedded += len(index["indices"])
+        refused.extend(index["refused"])
+    complete = missing == 0
+    if write and complete:
+        write_atomic(out / "refused.jsonl", b"".join(_json_bytes(r) for r in refused))
+        result = {**manifest, "result": {"embedded": embedded, "refused": len(refused)}}
+        write_atomic(out / "manifest.json", _json_bytes(result, indent=2))
+    return EmbedResult(out, manifest["input"]["count"], embedded, refused, complete)
+
+
+# ------------------------------------------------------------------------------------------------ reading
+
+
+def read_manifest(out: str | Path) -> dict:
+    path = Path(out) / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise EmbedError(f"{out}: not an embed output (no manifest.json)") from None
+    except (OSError, ValueError) as error:
+        raise EmbedError(f"{path}: unreadable ({error})") from None
+    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+        raise EmbedError(f"{path}: not a {FORMAT} manifest of version {FORMAT_VERSION}")
+    return manifest
+
+
+def done_parts(out: str | Path, partial: bool = False) -> list[int]:
+    """The finished parts of OUT, in order. Unless `partial`, refuses an unfinished OUT."""
+    manifest = read_manifest(out)
+    done = _done_parts(Path(out), manifest["num_parts"])
+    if not partial and not done.all():
+        raise EmbedError(f"{out}: unfinished ({int(done.sum())} of {len(done)} parts done); "
+                         "run the same embed command again to finish it")
+    return [int(p) for p in np.flatnonzero(done)]
+
+
+def part_files(out: str | Path, part: int) -> tuple[Path, Path]:
+    """(embeddings .npy, index .json) of one part."""
+    return Path(out) / "parts" / f"{part:06d}.npy", Path(out) / "parts" / f"{part:06d}.json"
+
+
+def read_embeddings(out: str | Path, partial: bool = False) -> tuple[list[str], np.ndarray]:
+    """(paths, embeddings) of an `embed` output, in listing order: row i is the embedding of paths[i]
+    (refused inputs have no row). Loads everything into memory (`siglip2-jax search` does not).
+    Refuses an unfinished OUT unless `partial`."""
+    manifest = read_manifest(out)
+    paths, arrays = [], []
+    for part in done_parts(out, partial):
+        npy, _ = part_files(out, part)
+        paths.extend(_read_index(Path(out), part)["paths"])
+        arrays.append(np.load(npy))
+    dtype = np.dtype(manifest["options"]["dtype"])
+    return paths, np.concatenate(arrays) if arrays else np.zeros((0, manifest["dim"]), dtype)
+
+
+def _read_index(out: Path, part: int) -> dict | None:
+    try:
+        return json.loads(part_files(out, part)[1].read_text())
+    except FileNotFoundError:
+        return None
+
+
+def _done_parts(out: Path, num_parts: int) -> np.ndarray:
+    names = set(os.listdir(out / "parts")) if (out / "parts").is_dir() else set()
+    return np.array([f"{part:06d}.json" in names for part in range(num_parts)], bool)
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+
+
+def _list_inputs(inputs: str | Path, texts: bool, out: Path) -> tuple[str, list[str]]:
+    path = Path(inputs)
+    if texts:
+        if not path.is_file():
+            raise EmbedError(f"{inputs}: --texts needs a text file of captions, one per line")
+        listing, items = "texts", _read_text_input(path, read_lines)
+    elif path.is_dir():
+        if out == Path(os.path.abspath(path)) or Path(os.path.abspath(path)) in out.parents:
+            raise EmbedError(f"{out}: OUT is inside INPUT {inputs}; it would be listed as input")
+        listing, items = "folder", list_files(path)
+    elif path.is_file():
+        listing, items = "list", _read_text_input(path, read_path_list)
+    else:
+        raise EmbedError(f"{inputs}: no such file or folder")
+    if not items:
+        raise EmbedError(f"{inputs}: no inputs in it")
+    return listing, items
+
+
+def _read_text_input(path: Path, read) -> list[str]:
+    try:
+        return read(path)
+    except UnicodeDecodeError:
+        raise EmbedError(f"{path}: not a UTF-8 text file (a folder, a list of paths, or --texts captions)") from None
+    except OSError as error:
+        raise EmbedError(f"{path}: cannot read ({error.strerror or error})") from None
+
+
+def _resolve_model(model: str | Path):
+    """(what to record as the source, its local directory, its config), reading no weights."""
+    from .checkpoint import resolve_source
+    from .config import Siglip2Config
+
+    directory = resolve_source(model)
+    local = Path(model).expanduser().exists()
+    config = Siglip2Config.from_json(directory / "config.json")
+    return (os.path.abspath(directory) if local else str(model)), directory, config
+
+
+def fingerprint(directory: str | Path) -> str:
+    """Identifies a model directory without reading all its weights: every file's name and size, small
+    files in full, and the first and last MiB of large ones (where different weights differ)."""
+    digest, chunk = hashlib.sha256(), 1 << 20
+    for path in sorted(p for p in Path(directory).rglob("*") if p.is_file()):
+        size = path.stat().st_size
+        digest.update(f"{path.relative_to(directory)}\0{size}\0".encode())
+        with open(path, "rb") as file:
+            digest.update(file.read(chunk))
+            if size > 2 * chunk:
+                file.seek(-chunk, os.SEEK_END)
+                digest.update(file.read(chunk))
+            elif size > chunk:
+                digest.update(file.read())
+    return "sha256:" + digest.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------------ OUT
+
+
+def _open(out: Path, manifest: dict) -> None:
+    """Starts OUT, or checks that it was started by the same command (model, input, options)."""
+    path = out / "manifest.json"
+    if path.exists():
+        _check_same_job(out, read_manifest(out), manifest)
+    else:
+        # another process of this job may have just written manifest.json and parts/
+        if out.is_dir() and set(n for n in os.listdir(out) if not n.startswith(".")) - {"manifest.json", "parts"}:
+            raise EmbedError(f"{out}: exists, is not empty and has no manifest.json; give a new or empty folder")
+        out.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, _json_bytes(manifest, indent=2))  # every process writes the same bytes
+    (out / "parts").mkdir(exist_ok=True)
+
+
+def _check_same_job(out: Path, old: dict, new: dict) -> None:
+    advice = "rerun with the original options to continue, or give a new OUT"
+    if old["kind"] != new["kind"]:
+        raise EmbedError(f"{out}: holds {old['kind']} embeddings, this command embeds {new['kind']}s; {advice}")
+    if old["model"]["fingerprint"] != new["model"]["fingerprint"]:
+        raise EmbedError(f"{out}: was started with another model ({old['model']['source']}); {advice}")
+    for key, flag in FLAGS.items():
+        if old["options"][key] != new["options"][key]:
+            raise EmbedError(f"{out}: was started with {flag} {old['options'][key]}, this command gives "
+                             f"{new['options'][key]}; {advice}")
+    if (old["input"]["count"], old["input"]["sha256"]) != (new["input"]["count"], new["input"]["sha256"]):
+        raise EmbedError(f"{out}: the input changed since this OUT was started ({old['input']['count']} inputs "
+                         f"then, {new['input']['count']} now); give a new OUT")
+
+
+def _remove_stale_temporaries(parts_dir: Path, parts: set[int]) -> None:
+    """Temporaries of a killed run; only this process writes these parts now."""
+    for name in os.listdir(parts_dir):
+        if name.startswith(".") and name.endswith(".tmp") and name[1:7].isdigit() and int(name[1:7]) in parts:
+            (parts_dir / name).unlink(missing_ok=True)
+
+
+def write_atomic(path: Path, content) -> None:
+    """Writes `content` (bytes, or a function of a binary file) so that `path` is either absent, the old
+    file, or the whole new one, even after a crash: temporary name, fsync, rename, fsync the folder."""
+    temporary = path.with_name(f".{path.name}.{socket.gethostname()}-{os.getpid()}.tmp")
+    with open(temporary, "wb") as file:
+        file.write(content) if isinstance(content, bytes) else content(file)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temporary, path)
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
+def _json_bytes(value, indent=None) -> bytes:
+    return (json.dumps(value, ensure_ascii=False, indent=indent) + "\n").encode("utf-8", "surrogateescape")
+
+
+def _progress_name() -> str:
+    import jax
+
+    return "embed" if jax.process_count() == 1 else f"process {jax.process_index()} of {jax.process_count()}"
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+EPILOG = """\
+INPUT is one of:
+  a folder            every file under it, recursively, in sorted order (hidden files skipped)
+  a text file         one image path per line (relative paths are relative to the file's folder)
+  a text file --texts one caption per line: text embeddings instead of image embeddings
+
+OUT (format version 1, described in full in the docstring of siglip2_jax/embed.py):
+  manifest.json        the model, input and options; the result once finished
+  parts/NNNNNN.npy     embeddings, (rows, dim), L2-normalized, float32 or --dtype float16
+  parts/NNNNNN.json    which input each row is, and the inputs of that part that were refused, with reasons
+  refused.jsonl        every refused input with its reason
+Read it with `paths, embeddings = siglip2_jax.read_embeddings(OUT)`; search it with `siglip2-jax search`.
+
+Resuming: killed or interrupted at any moment, the same command continues where it stopped and gives
+the same result as an uninterrupted run (every input once, bit-identical embeddings). A command with a
+different model, input or options than OUT was started with is refused.
+
+Multi-host: run the same command on every host with --coordinator-address, --num-processes and a
+distinct --process-id (or the JAX_* environment variables). Each process reads only its share of the
+inputs and uses its local devices; OUT must be on a shared file system.
+
+examples:
+  siglip2-jax embed ckpt/b16-224 photos/ out/photos --dtype float16
+  siglip2-jax embed ckpt/b16-224 captions.txt out/captions --texts
+  siglip2-jax embed ckpt/so400m list.txt out/ --coordinator-address host0:1234 --num-processes 8 --process-id 3
+
+exit status: 0 every input embedded; 1 finished, but some inputs were refused (named on stderr and in
+OUT/refused.jsonl); 2 bad arguments or model, or OUT was started with another model, input or options;
+130 interrupted (run the command again to continue).
+"""
+
+
+def register(commands) -> None:
+    parser = commands.add_parser(
+        "embed", help="embed a folder or list of images (or captions), sharded, multi-host, resumable",
+        description="Embed every image of a folder or list (or every caption of a text file) into OUT,\n"
+                    "on all local devices of every host; resumable after any crash.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", metavar="MODEL", help="siglip2-jax checkpoint dir, Hugging Face model dir, or hub id")
+    parser.add_argument("inputs", metavar="INPUT", help="folder, text file of image paths, or (--texts) of captions")
+    parser.add_argument("out", metavar="OUT", help="output folder (created; continued if it holds this job)")
+    parser.add_argument("--texts", action="store_true", help="INPUT is a text file of captions, one per line")
+    parser.add_argument("--dtype", default="float32", choices=DTYPES, help="stored precision (default float32)")
+    parser.add_argument("--batch-size", type=int, default=128, help="inputs per step over all local devices (default 128)")
+    parser.add_argument("--part-size", type=int, default=4096,
+                        help="inputs per output part, the unit of resuming (default 4096)")
+    parser.add_argument("--max-num-patches", type=int, default=None,
+                        help="NaFlex models: patch budget per image (default: the checkpoint's, usually 256)")
+    parser.add_argument("--model-parallel", type=int, default=1,
+                        help="devices that share one copy of the weights (default 1: pure data parallel)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="image decoding processes (default: CPU cores - 1, at most 32, with accelerators; "
+                             "0 on CPU, where this process decodes while the model runs on the cores)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    distributed.add_arguments(parser)
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .checkpoint import SourceError
+    from .config import ConfigError
+
+    try:
+        distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+        result = embed(args.model, args.inputs, args.out, texts=args.texts, dtype=args.dtype,
+                       batch_size=args.batch_size, part_size=args.part_size, max_num_patches=args.max_num_patches,
+                       model_parallel=args.model_parallel, workers=args.workers, progress=not args.no_progress)
+    except (EmbedError, SourceError, ConfigError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError, RuntimeError) as error:
+        print(f"error: {args.out}: {_first_line(error)}", file=sys.stderr)
+        return 2
+    if not result.complete:
+        print(f"error: {result.out}: parts of other processes are missing; is OUT on a file system all "
+              "hosts share?", file=sys.stderr)
+        return 2
+    kind = "images" if not args.texts else "texts"
+    note = f", {len(result.refused)} refused (listed in {result.out / 'refused.jsonl'})" if result.refused else ""
+    print(f"embedded {result.embedded} of {result.inputs} {kind} into {result.out}{note}", file=sys.stderr)
+    return result.exit_status
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

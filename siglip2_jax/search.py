@@ -1,0 +1,168 @@
+"""`siglip2-jax search OUT "query"`: rank an `embed` output by similarity to a text (or an image).
+
+The query is encoded by the model OUT was embedded with (its manifest names it; the fingerprint must
+match), then scored against the stored embeddings a slice at a time: each part's .npy is mapped
+`chunk_rows` rows at a time and unmapped again, and only the best `top_k` so far are kept. Memory is
+bounded by `chunk_rows` (and k), whatever the size of the collection; only the parts holding the winners
+have their index read, for the paths.
+
+Scores are cosine similarities (both sides are L2-normalized). A text query against images (or an image
+against captions) also gets the model's sigmoid probability that the pair matches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from .embed import EmbedError, _resolve_model, done_parts, fingerprint, part_files, read_manifest
+
+DEFAULT_CHUNK_ROWS = 16384  # 24 MiB of float16 B/16 embeddings (+ its float32 copy) per step
+
+
+@dataclasses.dataclass
+class Hit:
+    rank: int
+    path: str
+    score: float                      # cosine similarity
+    probability: float | None = None  # sigmoid(scale * score + bias), for text <-> image
+    index: int = -1                   # position in the input listing
+
+
+def search(out: str | Path, query: str | None = None, *, image=None, top_k: int = 10, model=None,
+           chunk_rows: int = DEFAULT_CHUNK_ROWS, partial: bool = False) -> list[Hit]:
+    """The `top_k` entries of OUT most similar to a text `query` or to `image` (a path, PIL image or
+    array). `model`: a loaded `Siglip2Pipeline` or a path, instead of the one in OUT's manifest."""
+    if (query is None) == (image is None):
+        raise EmbedError("give a text QUERY or --image PATH: one of the two")
+    if top_k < 1 or chunk_rows < 1:
+        raise EmbedError(f"--top-k {top_k} / --chunk-rows {chunk_rows}: must be at least 1")
+    manifest = read_manifest(out)
+    pipeline = _model_for(manifest, model)
+    query_kind = "text" if query is not None else "image"
+    vector = (pipeline.encode_texts([query]) if query is not None else pipeline.encode_images([image]))[0]
+    scores, parts, rows = top_k_scores(out, vector, top_k, chunk_rows=chunk_rows, partial=partial)
+    hits, indexes = [], {}  # only the winners' parts have their index read
+    for rank, (score, part, row) in enumerate(zip(scores, parts, rows), 1):
+        if part not in indexes:
+            indexes[part] = json.loads(part_files(out, part)[1].read_text())
+        index = indexes[part]
+        hits.append(Hit(rank, index["paths"][row], float(score), index=int(index["indices"][row])))
+    if query_kind != manifest["kind"] and hits:  # the logit scale and bias were fitted to image-text pairs
+        # logits(a, b) = a @ b.T * scale + bias, so with a = the scores and b = [[1]]: scale * score + bias
+        logits = pipeline.logits(scores[:, None], np.ones((1, 1), np.float32))[:, 0]
+        for hit, logit in zip(hits, logits):
+            hit.probability = float(1 / (1 + np.exp(-logit)))
+    return hits
+
+
+def top_k_scores(out: str | Path, query: np.ndarray, k: int, *, chunk_rows: int = DEFAULT_CHUNK_ROWS,
+                 partial: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(scores, parts, rows) of the k stored embeddings with the largest dot product with `query`, best
+    first (ties: earlier in the listing first), reading at most `chunk_rows` rows at a time."""
+    query = np.asarray(query, np.float32)
+    best = np.zeros(0, np.float32), np.zeros(0, np.int64), np.zeros(0, np.int64)
+    for part in done_parts(out, partial):
+        npy, _ = part_files(out, part)
+        offset, shape, dtype = _npy_layout(npy)
+        for start in range(0, shape[0], chunk_rows):
+            n = min(chunk_rows, shape[0] - start)
+            # A map of just this slice, dropped after use: pages read stay out of the process's memory.
+            chunk = np.memmap(npy, dtype, "r", offset + start * shape[1] * dtype.itemsize, (n, shape[1]))
+            scores = np.asarray(chunk, np.float32) @ query
+            del chunk
+            keep = np.argpartition(-scores, k - 1)[:k] if n > k else np.arange(n)
+            best = _best(k, (best[0], scores[keep]), (best[1], np.full(len(keep), part)),
+                         (best[2], keep + start))
+    return best
+
+
+def _best(k, scores, parts, rows):
+    scores, parts, rows = (np.concatenate(pair) for pair in (scores, parts, rows))
+    order = np.lexsort((rows, parts, -scores))[:k]  # by score, then listing order
+    return scores[order], parts[order], rows[order]
+
+
+def _npy_layout(path: Path) -> tuple[int, tuple, np.dtype]:
+    """(data offset, shape, dtype) of a C-ordered .npy file, from its header."""
+    with open(path, "rb") as file:
+        version = np.lib.format.read_magic(file)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(file)
+        if fortran:
+            raise EmbedError(f"{path}: Fortran-ordered array; not written by embed")
+        return file.tell(), shape, dtype
+
+
+def _model_for(manifest: dict, model):
+    from .pipeline import Siglip2Pipeline, load
+
+    if isinstance(model, Siglip2Pipeline):
+        return model
+    given = model if model is not None else manifest["model"]["source"]
+    source, directory, _ = _resolve_model(given)
+    if fingerprint(directory) != manifest["model"]["fingerprint"]:
+        raise EmbedError(f"{given}: not the model this OUT was embedded with ({manifest['model']['source']})")
+    return load(source)
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+EPILOG = """\
+examples:
+  siglip2-jax search out/photos "a dog on a beach"
+  siglip2-jax search out/photos --image query.jpg --top-k 20 --json
+  siglip2-jax search out/captions --image photo.jpg          (image -> text: which caption fits best)
+
+Scores are cosine similarities; text <-> image pairs also show the model's sigmoid probability of a match.
+The query is encoded by the model recorded in OUT/manifest.json (--model to point at a moved copy).
+Memory stays bounded by --chunk-rows, whatever the size of OUT.
+
+exit status: 0 results printed; 2 bad arguments, OUT not an embed output, or the model missing or different.
+"""
+
+
+def register(commands) -> None:
+    parser = commands.add_parser(
+        "search", help="rank an embed output by similarity to a text or an image",
+        description="Rank the embeddings in OUT (written by `siglip2-jax embed`) by similarity to a text\n"
+                    "query or, with --image, to an image.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out", metavar="OUT", help="an embed output folder")
+    parser.add_argument("query", metavar="QUERY", nargs="?", help="the text to search for")
+    parser.add_argument("--image", metavar="PATH", help="search by this image instead of a text")
+    parser.add_argument("--top-k", type=int, default=10, help="results to show (default 10)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--model", help="the model, if it has moved since embedding (must be the same weights)")
+    parser.add_argument("--chunk-rows", type=int, default=DEFAULT_CHUNK_ROWS,
+                        help=f"embeddings scored per step: bounds memory (default {DEFAULT_CHUNK_ROWS})")
+    parser.add_argument("--partial", action="store_true", help="search an unfinished OUT (the parts done so far)")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .checkpoint import SourceError
+    from .config import ConfigError
+    from .images import ImageError
+
+    try:
+        hits = search(args.out, args.query, image=args.image, top_k=args.top_k, model=args.model,
+                      chunk_rows=args.chunk_rows, partial=args.partial)
+    except (EmbedError, SourceError, ConfigError, ImageError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError) as error:
+        print(f"error: {args.out}: {str(error).strip().splitlines()[0] if str(error).strip() else error}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps([dataclasses.asdict(h) for h in hits], indent=2, ensure_ascii=False))
+    else:
+        for hit in hits:
+            probability = f"  {hit.probability:7.2%}" if hit.probability is not None else ""
+            print(f"{hit.rank:4d}  {hit.score:+.4f}{probability}  {hit.path}")
+    return 0
