@@ -21,6 +21,7 @@ commands:
   embed MODEL INPUT OUT        embed a folder / list of images (or --texts captions): sharded over all
                                devices and hosts, resumable after any crash.
   search OUT "query"           rank an embedded collection by a text (or --image) query.
+  finetune --model M --data D --out O   fine-tune on image-text pairs with the sigmoid loss (LiT too).
 
 MODEL is a siglip2-jax checkpoint directory, a Hugging Face model directory, or a hub id
 (default google/siglip2-base-patch16-224; hub ids need a network the first time).
@@ -69,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _command_modules() -> list:
     from .embed import register as register_embed
     from .search import register as register_search
-    return [register_embed, register_search]
+    from .train import register as register_finetune
+    return [register_embed, register_search, register_finetune]
 
 
 CLASSIFY_EPILOG = """\

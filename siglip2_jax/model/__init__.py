@@ -1,6 +1,7 @@
 """Flax NNX modules of SigLIP 2."""
 
-from .siglip import Siglip2, l2_normalize, sigmoid_loss
+from ..losses import sigmoid_loss
+from .siglip import Siglip2, l2_normalize
 from .text import TextTower
 from .vision import VisionTower, patchify
 

@@ -1,4 +1,5 @@
-"""The two-tower SigLIP 2 model: image and text towers, a learned logit scale and bias, the sigmoid loss."""
+"""The two-tower SigLIP 2 model: image and text towers, a learned logit scale and bias.
+The logits and the sigmoid loss are in `siglip2_jax.losses`."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ..config import Siglip2Config
+from ..losses import pair_logits
 from .layers import zeros
 from .text import TextTower
 from .vision import VisionTower
@@ -43,7 +45,7 @@ class Siglip2(nnx.Module):
 
     def logits(self, image_embeds: Array, text_embeds: Array) -> Array:
         """(num_images, num_texts) logits from L2-normalized embeddings; sigmoid gives probabilities."""
-        return image_embeds @ text_embeds.T * jnp.exp(self.logit_scale[...]) + self.logit_bias[...]
+        return pair_logits(image_embeds, text_embeds, self.logit_scale[...], self.logit_bias[...])
 
     def __call__(self, images, token_ids: Array) -> dict:
         image_embeds = self.encode_images(images)
@@ -51,10 +53,3 @@ class Siglip2(nnx.Module):
         logits_per_image = self.logits(image_embeds, text_embeds)
         return dict(image_embeds=image_embeds, text_embeds=text_embeds,
                     logits_per_image=logits_per_image, logits_per_text=logits_per_image.T)
-
-
-def sigmoid_loss(logits: Array) -> Array:
-    """SigLIP's pairwise sigmoid loss for a square batch: pair (i, i) is positive, every other negative.
-    Summed over one axis, averaged over the other (the convention of the reference)."""
-    labels = 2.0 * jnp.eye(logits.shape[0], dtype=jnp.float32) - 1.0
-    return -jnp.mean(jnp.sum(jax.nn.log_sigmoid(labels * logits.astype(jnp.float32)), axis=-1))

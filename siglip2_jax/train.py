@@ -1,0 +1,592 @@
+"""Fine-tuning SigLIP 2 on image-text pairs with the sigmoid loss: optax, sharded over a mesh, resumable.
+
+    TrainConfig   every setting; also the `siglip2-jax finetune` flags and the keys of its --config JSON
+    Trainer       the math: which parameters train, AdamW + warmup/cosine + clipping, the jit-compiled step
+    finetune      the job: captions file -> batches -> steps -> Orbax checkpoints -> eval -> exported model
+
+Frozen parameters (`freeze`: the image tower for LiT, the text tower, or both towers but their heads) are
+not arguments of the differentiated function at all: the backward pass never reaches them, the optimizer
+holds no state for them, and they stay bit-identical. Parameters are float32 masters; `dtype` is the
+compute dtype of the towers (bfloat16 on TPU/GPU by default). The batch is split over the mesh's "data"
+axis and the loss is the ring form (`siglip2_jax.losses`); weights are placed by `siglip2_jax.sharding`,
+with `fsdp` also splitting them over "data".
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from .config import Siglip2Config
+from .losses import ring_sigmoid_loss, sigmoid_loss
+from .model.build import flat_param_shapes, flatten, model_from_params, nest
+from .sharding import DEFAULT_RULES, batch_sharding, make_mesh, param_shardings
+
+FREEZE_MODES = ("none", "image", "text", "towers")
+DTYPES = ("auto", "float32", "bfloat16")
+FSDP_RULES = {**DEFAULT_RULES, "embed": "data"}
+# the learned query, the position tables, norms, biases and the logit scale/bias are not decayed
+NO_DECAY = {"scale", "bias", "position", "probe", "logit_scale", "logit_bias"}
+HEADS = ("vision/head/", "text/head_kernel", "text/head_bias", "logit_scale", "logit_bias")
+
+
+def _setting(default, help: str):
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    model: str = _setting("", "model to start from: a siglip2-jax checkpoint dir, a Hugging Face dir or hub id")
+    data: str = _setting("", "captions file of the training pairs: .jsonl ({\"image\": ..., \"caption\": ...} "
+                             "per line) or .csv (header row: image,caption); image paths relative to it")
+    out: str = _setting("", "run directory: checkpoints/, metrics.jsonl, model/ (the exported checkpoint)")
+    steps: int = _setting(1000, "optimizer steps in all (the schedule's length)")
+    batch_size: int = _setting(32, "global batch size: pairs per step over all devices (a multiple of them)")
+    learning_rate: float = _setting(1e-4, "peak learning rate, reached after the warmup")
+    end_learning_rate: float = _setting(0.0, "learning rate at the end of the cosine decay")
+    warmup_steps: int = _setting(100, "linear warmup from 0 to the peak over this many steps")
+    weight_decay: float = _setting(1e-4, "AdamW decoupled weight decay (times the learning rate, as optax); "
+                                         "not applied to norms, biases, position tables, probe, logit scale/bias")
+    adam_b1: float = _setting(0.9, "AdamW beta1")
+    adam_b2: float = _setting(0.999, "AdamW beta2")
+    clip_norm: float = _setting(1.0, "clip gradients to this global norm (0: no clipping)")
+    freeze: str = _setting("none", "parameters that stay fixed: none; image (LiT: locked image tower); text; "
+                                   "towers (train only the heads and the logit scale and bias)")
+    dtype: str = _setting("auto", "compute dtype: float32, bfloat16, or auto (float32 on CPU, else bfloat16); "
+                                  "parameters stay float32")
+    model_parallel: int = _setting(1, "devices per model replica on the mesh's model axis")
+    fsdp: bool = _setting(False, "also split weights and optimizer state over the data axis (FSDP)")
+    seed: int = _setting(0, "seed of the data order and of the held-out split")
+    save_every: int = _setting(500, "save a training checkpoint every N steps (and always at exit)")
+    keep: int = _setting(3, "keep the last K training checkpoints")
+    eval_every: int = _setting(0, "evaluate retrieval recall@1 on the held-out pairs every N steps (0: at the end only)")
+    eval_holdout: int = _setting(0, "hold out N training pairs (chosen by --seed) for evaluation")
+    eval_data: str = _setting("", "captions file of evaluation pairs (in addition to --eval-holdout)")
+    max_num_patches: int = _setting(256, "NaFlex models: patch budget per image")
+    workers: int = _setting(-1, "image decoding processes (0: decode in this process; -1: 0 on CPU, where the "
+                                "cores are the device, else one per core but one, at most 32); a resumed run "
+                                "keeps the count it started with")
+
+    def validate(self) -> "TrainConfig":
+        for name in ("model", "data", "out"):
+            if not getattr(self, name):
+                raise ValueError(f"--{name} is required")
+        if self.freeze not in FREEZE_MODES:
+            raise ValueError(f"--freeze {self.freeze!r}: expected one of {', '.join(FREEZE_MODES)}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"--dtype {self.dtype!r}: expected float32, bfloat16 or auto")
+        for name in ("steps", "batch_size", "save_every", "keep", "model_parallel"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{_flag(name)} {getattr(self, name)}: must be at least 1")
+        for name in ("learning_rate", "end_learning_rate", "weight_decay", "clip_norm", "warmup_steps",
+                     "eval_every", "eval_holdout"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"--{_flag(name)} {getattr(self, name)}: must not be negative")
+        return self
+
+
+# ---- which parameters train, and how ----------------------------------------------------------------
+def is_trainable(path: str, freeze: str) -> bool:
+    """path: a parameter's "/"-joined name, e.g. "vision/encoder/blocks/mlp/fc1_kernel"."""
+    if freeze == "image":
+        return not path.startswith("vision/")
+    if freeze == "text":
+        return not path.startswith("text/")
+    if freeze == "towers":
+        return path.startswith(HEADS)
+    return True
+
+
+def is_decayed(path: str) -> bool:
+    """Weight decay applies to the matrices (kernels, the token table), not to NO_DECAY or any bias."""
+    name = path.rsplit("/", 1)[-1]
+    return name not in NO_DECAY and not name.endswith("_bias")
+
+
+def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
+    """Linear warmup to `learning_rate` at step `warmup_steps`, then cosine decay to `end_learning_rate` at
+    step `steps`. Update k (counting from 1) uses the rate at k: the first update is not wasted on rate 0."""
+    warmup = min(cfg.warmup_steps, cfg.steps - 1)
+    base = optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, warmup, cfg.steps, cfg.end_learning_rate)
+    return lambda count: base(count + 1)
+
+
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    decay_mask = lambda params: nest({p: is_decayed(p) for p in flatten(params)})  # noqa: E731
+    adamw = optax.adamw(learning_rate_schedule(cfg), b1=cfg.adam_b1, b2=cfg.adam_b2,
+                        weight_decay=cfg.weight_decay, mask=decay_mask)
+    return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adamw) if cfg.clip_norm > 0 else adamw
+
+
+def compute_dtype(name: str):
+    if name == "auto":
+        return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    return jnp.dtype(name).type
+
+
+def batch_loss(model, batch: dict, mesh: Mesh | None = None) -> jax.Array:
+    """The sigmoid loss of a batch dict(images=..., token_ids=...) whose row i of each is a pair.
+    With a mesh whose "data" axis has several devices, the ring form (no global logits)."""
+    image_embeds = model.encode_images(batch["images"])
+    text_embeds = model.encode_texts(batch["token_ids"])
+    scale, bias = model.logit_scale[...], model.logit_bias[...]
+    if mesh is None or mesh.shape["data"] == 1:
+        return sigmoid_loss(model.logits(image_embeds, text_embeds))
+    return ring_sigmoid_loss(image_embeds, text_embeds, scale, bias, mesh)
+
+
+# Settings that do not change the compiled step: trainers that differ only in these share one compilation
+# (a resumed run, a notebook cell run again).
+NOT_IN_STEP = ("model", "data", "out", "seed", "save_every", "keep", "eval_every", "eval_holdout", "eval_data",
+               "max_num_patches", "workers")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Compiled:
+    optimizer: optax.GradientTransformation
+    shardings: dict             # flat: parameter path -> NamedSharding
+    place: callable             # flat params -> float32 copies on their shardings
+    init: callable              # trainable params -> optimizer state, each moment beside its parameter
+    step: callable              # (trainable, opt_state, frozen, batch) -> (trainable, opt_state, metrics)
+    embed: callable             # (trainable, frozen, batch) -> (image embeddings, text embeddings)
+
+
+@functools.lru_cache(maxsize=8)
+def _compile(config: Siglip2Config, cfg: TrainConfig, mesh: Mesh) -> _Compiled:
+    """The jit-compiled functions of one model, one set of optimizer settings, one mesh."""
+    optimizer, dtype = make_optimizer(cfg), compute_dtype(cfg.dtype)
+    shardings = flatten(param_shardings(config, mesh, FSDP_RULES if cfg.fsdp else None))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    shapes = flat_param_shapes(config)
+    trainable = nest({p: shapes[p] for p in shapes if is_trainable(p, cfg.freeze)})
+
+    def sharding_of(path, leaf):  # optimizer moments live where their parameter lives; counters replicated
+        name = "/".join(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
+        return shardings[name] if name in shapes and leaf.shape == shapes[name].shape else replicated
+
+    opt_shardings = jax.tree_util.tree_map_with_path(sharding_of, jax.eval_shape(optimizer.init, trainable))
+    trainable_shardings = nest({p: shardings[p] for p in flatten(trainable)})
+
+    def model(trainable, frozen):
+        return model_from_params(config, nest({**flatten(trainable), **flatten(frozen)}), dtype=dtype)
+
+    def step(trainable, opt_state, frozen, batch):
+        loss, grads = jax.value_and_grad(lambda t: batch_loss(model(t, frozen), batch, mesh))(trainable)
+        updates, opt_state = optimizer.update(grads, opt_state, trainable)
+        metrics = dict(loss=loss, grad_norm=optax.global_norm(grads))
+        return optax.apply_updates(trainable, updates), opt_state, metrics
+
+    def embed(trainable, frozen, batch):
+        m = model(trainable, frozen)
+        return m.encode_images(batch["images"]), m.encode_texts(batch["token_ids"])
+
+    return _Compiled(
+        optimizer, shardings,
+        # a jit's outputs never alias its inputs: the step donates the trainer's buffers, never the caller's
+        place=jax.jit(lambda flat: jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), flat), out_shardings=shardings),
+        init=jax.jit(optimizer.init, out_shardings=opt_shardings),
+        step=jax.jit(step, donate_argnums=(0, 1), out_shardings=(trainable_shardings, opt_shardings, replicated)),
+        embed=jax.jit(embed, out_shardings=replicated))
+
+
+class Trainer:
+    """The parameters (trainable and frozen parts), the optimizer state and the compiled step, on a mesh.
+
+    `trainer.train_step(batch)` runs one step on a host batch (numpy, this process's rows) and returns
+    its metrics as device scalars; `trainer.params()` is the whole current params tree. The trainer
+    works on float32 copies of `params`.
+    """
+
+    def __init__(self, config: Siglip2Config, params: dict, cfg: TrainConfig, mesh: Mesh | None = None):
+        if config.vision is None or config.text is None:
+            raise ValueError("fine-tuning needs a two-tower checkpoint (image and text)")
+        self.config, self.cfg = config, cfg
+        self.mesh = mesh if mesh is not None else make_mesh(cfg.model_parallel)
+        defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+        self._compiled = _compile(config, dataclasses.replace(cfg, **{k: defaults[k] for k in NOT_IN_STEP}), self.mesh)
+        self.schedule = learning_rate_schedule(cfg)
+        flat = self._compiled.place(flatten(params))
+        trainable = {p: v for p, v in flat.items() if is_trainable(p, cfg.freeze)}
+        self.trainable, self.frozen = nest(trainable), nest({p: v for p, v in flat.items() if p not in trainable})
+        self.opt_state = self._compiled.init(self.trainable)
+        self.step = 0
+
+    def put_batch(self, batch: dict):
+        """A host batch (this process's rows) as global arrays split over the "data" axis."""
+        return jax.tree.map(lambda x: jax.make_array_from_process_local_data(
+            batch_sharding(self.mesh, np.ndim(x)), np.asarray(x)), batch)
+
+    def train_step(self, batch: dict) -> dict:
+        self.trainable, self.opt_state, metrics = self._compiled.step(self.trainable, self.opt_state, self.frozen,
+                                                                      self.put_batch(batch))
+        self.step += 1
+        return metrics
+
+    def embed(self, batch: dict) -> tuple[np.ndarray, np.ndarray]:
+        """(image embeddings, text embeddings) of a batch with the current parameters, on the host."""
+        images, texts = self._compiled.embed(self.trainable, self.frozen, self.put_batch(batch))
+        return np.asarray(images), np.asarray(texts)
+
+    def learning_rate(self, step: int | None = None) -> float:
+        """The rate of update `step` + 1 (the next one by default)."""
+        return float(self.schedule(self.step if step is None else step))
+
+    def params(self) -> dict:
+        return nest({**flatten(self.trainable), **flatten(self.frozen)})
+
+    def abstract_state(self) -> dict:
+        """What a training checkpoint holds, as shapes and shardings (the restore target)."""
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                            dict(params=self.trainable, opt_state=self.opt_state))
+
+    def load_state(self, state: dict, step: int) -> None:
+        self.trainable, self.opt_state, self.step = state["params"], state["opt_state"], step
+
+
+# ---- training checkpoints ---------------------------------------------------------------------------
+class TrainCheckpoints:
+    """OUT/checkpoints/STEP/ (an Orbax `CheckpointManager`): the trainable parameters, the optimizer
+    state, and the progress (step, data position) as JSON. Frozen parameters are not saved (they never
+    change): a resumed run reads them from the model it started from."""
+
+    def __init__(self, directory: Path, keep: int):
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+        self.manager = ocp.CheckpointManager(Path(directory).absolute(), options=options)
+
+    def save(self, trainer: Trainer, data: dict) -> None:
+        """data: where the data loader is (its state, and what is needed to rebuild it)."""
+        if self.manager.latest_step() == trainer.step:
+            return
+        self.manager.save(trainer.step, force=True, args=ocp.args.Composite(
+            params=ocp.args.StandardSave(trainer.trainable), opt_state=ocp.args.StandardSave(trainer.opt_state),
+            progress=ocp.args.JsonSave({"step": trainer.step, "data": data})))
+
+    def restore_latest(self, trainer: Trainer) -> dict | None:
+        """Load the newest checkpoint into `trainer` (straight onto its shardings); its progress, or None."""
+        step = self.manager.latest_step()
+        if step is None:
+            return None
+        target = trainer.abstract_state()
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(target["params"]), opt_state=ocp.args.StandardRestore(target["opt_state"]),
+            progress=ocp.args.JsonRestore()))
+        trainer.load_state(dict(params=restored.params, opt_state=restored.opt_state), step)
+        return restored.progress
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+# ---- evaluation -------------------------------------------------------------------------------------
+def retrieval_recall(image_embeds: np.ndarray, text_embeds: np.ndarray, captions) -> dict:
+    """Recall@1 of image->text and text->image retrieval over pairs (row i of each is one pair). A retrieved
+    item counts as correct when its caption equals the query's: small sets often repeat captions."""
+    scores = np.asarray(image_embeds) @ np.asarray(text_embeds).T  # the logits rank the same (scale > 0)
+    captions = np.asarray(list(captions), dtype=object)
+    return {"image_to_text_recall@1": float(np.mean(captions[scores.argmax(1)] == captions)),
+            "text_to_image_recall@1": float(np.mean(captions[scores.argmax(0)] == captions))}
+
+
+def evaluate(trainer: Trainer, pairs, transform, batch_size: int) -> dict:
+    """Retrieval recall@1 over `pairs` with the trainer's current parameters. Every process reads all the
+    pairs (a held-out set is small) and feeds its rows of each global batch."""
+    from .data import iterate, make_loader
+
+    share = batch_size // jax.process_count()
+    first = jax.process_index() * share
+    images, texts = [], []
+    for batch in iterate(make_loader(pairs, transform, batch_size=batch_size)):
+        n = len(batch["token_ids"])
+        # pad the last batch with copies of its last pair: one compiled shape for every batch
+        rows = jax.tree.map(lambda x: np.concatenate([x, np.repeat(x[-1:], batch_size - n, 0)])[first:first + share], batch)
+        image_embeds, text_embeds = trainer.embed(rows)
+        images.append(image_embeds[:n])
+        texts.append(text_embeds[:n])
+    return retrieval_recall(np.concatenate(images), np.concatenate(texts), [p.caption for p in pairs])
+
+
+# ---- the job ----------------------------------------------------------------------------------------
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+@dataclasses.dataclass
+class FinetuneResult:
+    trainer: Trainer
+    history: list[dict]          # one record per step run by this call: step, loss, grad_norm, learning_rate
+    evals: list[dict]            # step and retrieval recall@1 of each evaluation
+    exported: Path               # the inference checkpoint (siglip2_jax.load reads it)
+
+
+RUN_CONTROL = {"save_every", "keep", "eval_every", "workers"}  # may change when a run is resumed; nothing else may
+
+
+def finetune(cfg: TrainConfig, *, on_step=None, progress: bool = True) -> FinetuneResult:
+    """Fine-tune `cfg.model` on `cfg.data`, resuming from `cfg.out`'s last checkpoint if there is one, and
+    export OUT/model. `on_step(record)` is called after every step with its metrics (floats)."""
+    from flax import nnx
+    from tqdm.auto import tqdm
+
+    from .pipeline import load
+    from .checkpoint import save_checkpoint
+    from .train_data import PairTransform, pair_loader, read_pairs, split_holdout
+
+    cfg.validate()
+    out = Path(cfg.out)
+    pairs = read_pairs(cfg.data)
+    eval_pairs = read_pairs(cfg.eval_data) if cfg.eval_data else []
+    if cfg.eval_holdout:
+        pairs, held_out = split_holdout(pairs, cfg.eval_holdout, cfg.seed)
+        eval_pairs += held_out
+    mesh = make_mesh(cfg.model_parallel)
+    if cfg.batch_size % mesh.shape["data"]:
+        raise ValueError(f"--batch-size {cfg.batch_size} is not a multiple of the {mesh.shape['data']} "
+                         f"data-parallel devices")
+    _record_run_config(out, cfg)
+
+    pipeline = load(cfg.model, mesh=mesh, max_num_patches=cfg.max_num_patches)
+    if pipeline.tokenizer is None:
+        raise ValueError(f"{cfg.model}: has no tokenizer (tokenizer.model or tokenizer.json)")
+    config, assets_dir = pipeline.config, pipeline.assets_dir
+    transform = PairTransform.for_model(config, pipeline.tokenizer, cfg.max_num_patches)
+    trainer = Trainer(config, nnx.to_pure_dict(nnx.state(pipeline.model, nnx.Param)), cfg, mesh)
+    del pipeline  # its copy of the weights is no longer needed
+
+    checkpoints = TrainCheckpoints(out / "checkpoints", cfg.keep)
+    resumed = checkpoints.restore_latest(trainer)
+    workers = resumed["data"]["workers"] if resumed else _worker_count(cfg.workers)
+    batches = iter(pair_loader(pairs, transform, cfg.batch_size, seed=cfg.seed, workers=workers))
+    if resumed:
+        batches.set_state(resumed["data"]["loader"])
+
+    def data_state():
+        return {"loader": batches.get_state(), "workers": workers}
+
+    history, evals = [], []
+    is_main = jax.process_index() == 0
+    bar = tqdm(total=cfg.steps, initial=trainer.step, unit="step", disable=not progress or not is_main,
+               dynamic_ncols=True, desc="resumed" if trainer.step else "fine-tuning")
+    clock = {}
+
+    def write(record):
+        if is_main:
+            with (out / "metrics.jsonl").open("a") as log:
+                log.write(json.dumps(record) + "\n")
+
+    def report(step, metrics):
+        record = {"step": step, **{k: float(v) for k, v in metrics.items()},
+                  "learning_rate": trainer.learning_rate(step - 1)}
+        if not math.isfinite(record["loss"]):
+            raise TrainingDiverged(f"the loss became {record['loss']} at step {step} "
+                                   f"(try a lower --learning-rate or --clip-norm)")
+        now = time.perf_counter()
+        clock.setdefault("start", (now, step))  # the first step (compilation) is not timed
+        start, first = clock["start"]
+        speed = f", {(step - first) * cfg.batch_size / (now - start):.1f} examples/s" if step > first else ""
+        history.append(record)
+        write(record)
+        bar.update(1)
+        bar.set_postfix_str(f"loss {record['loss']:.4f}{speed}")
+        if on_step is not None:
+            on_step(record)
+
+    def run_eval():
+        result = {"step": trainer.step, **evaluate(trainer, eval_pairs, transform, cfg.batch_size)}
+        evals.append(result)
+        write({"eval": result})
+        bar.write(f"step {trainer.step}: " + ", ".join(f"{k} {v:.3f}" for k, v in result.items() if k != "step"))
+
+    try:
+        pending = None  # metrics are read one step late, so the host never waits for the device
+        while trainer.step < cfg.steps:
+            metrics = trainer.train_step(next(batches))
+            if pending is not None:
+                report(*pending)
+            pending = (trainer.step, metrics)
+            if trainer.step % cfg.save_every == 0:
+                checkpoints.save(trainer, data_state())
+            if eval_pairs and cfg.eval_every and trainer.step % cfg.eval_every == 0:
+                run_eval()
+        if pending is not None:
+            report(*pending)
+        checkpoints.save(trainer, data_state())
+    except KeyboardInterrupt:
+        checkpoints.save(trainer, data_state())
+        raise
+    finally:
+        getattr(batches, "close", lambda: None)()  # stops the workers now, not at garbage collection
+        checkpoints.close()
+        bar.close()
+
+    if eval_pairs and not (evals and evals[-1]["step"] == trainer.step):
+        run_eval()
+    exported = out / "model"
+    if is_main:
+        save_checkpoint(exported, config, jax.device_get(trainer.params()), source=str(cfg.model),
+                        assets_from=assets_dir, overwrite=True)
+    return FinetuneResult(trainer, history, evals, exported)
+
+
+def _worker_count(workers: int) -> int:
+    import os
+
+    if workers >= 0:
+        return workers
+    return 0 if jax.default_backend() == "cpu" else min(32, max(1, (os.cpu_count() or 2) - 1))
+
+
+def _record_run_config(out: Path, cfg: TrainConfig) -> None:
+    """OUT/finetune_config.json; a resumed run must use the same settings (else it is not the same run)."""
+    path = out / "finetune_config.json"
+    settings = dataclasses.asdict(cfg)
+    if path.is_file() and (out / "checkpoints").is_dir():
+        saved = json.loads(path.read_text())
+        for name, value in settings.items():
+            if name not in RUN_CONTROL and name in saved and saved[name] != value:
+                raise ValueError(f"{out}: this run was started with --{_flag(name)} {saved[name]!r}, now "
+                                 f"{value!r}; resume it with the same settings, or use a new --out")
+    if jax.process_index() == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(settings, indent=2) + "\n")
+
+
+# ---- the `siglip2-jax finetune` command --------------------------------------------------------------
+DESCRIPTION = """\
+Fine-tune a SigLIP 2 model on your image-text pairs with the sigmoid loss (AdamW, linear warmup then
+cosine decay, gradient clipping), data parallel over all devices, resumable, and export the result as
+an inference checkpoint (OUT/model)."""
+
+EPILOG = """\
+examples:
+  siglip2-jax finetune --model ckpt/b16-224 --data pets/captions.jsonl --out runs/pets
+  siglip2-jax finetune --config pets.json --freeze image       LiT: the image tower stays fixed
+  siglip2-jax finetune --config pets.json --steps 2000          a flag wins over the file
+
+--config FILE is a JSON object whose keys are the flag names ("batch-size" or "batch_size"):
+  {"model": "ckpt/b16-224", "data": "pets/captions.jsonl", "out": "runs/pets", "steps": 500,
+   "batch-size": 64, "learning-rate": 3e-5, "freeze": "image", "eval-holdout": 200}
+
+captions file: .jsonl, one {"image": "cats/1.jpg", "caption": "a cat on a sofa"} per line, or .csv with a
+header row (image,caption); image paths are relative to the captions file.
+
+resuming: run the same command again. Training continues from the last checkpoint in OUT/checkpoints
+with the same batches, and ends with the same parameters as an uninterrupted run. Ctrl-C or SIGTERM
+saves a checkpoint first. Use the exported model like any other: siglip2_jax.load("runs/pets/model"),
+siglip2-jax classify runs/pets/model photo.jpg --labels ...
+
+exit status: 0 trained and exported; 1 the loss became NaN or infinite; 2 bad flags, config file, data or
+model (one line on stderr naming it); 130 interrupted (a checkpoint was saved: run again to resume).
+"""
+
+
+METAVARS = {"model": "MODEL", "data": "FILE", "eval_data": "FILE", "out": "DIR"}
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def register(commands) -> None:
+    """Add `finetune` to the `siglip2-jax` subcommands."""
+    parser = commands.add_parser("finetune", help="fine-tune on image-text pairs (sigmoid loss, resumable)",
+                                 description=DESCRIPTION, epilog=EPILOG,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", metavar="FILE", help="JSON file of settings (keys: the flag names below)")
+    for field in dataclasses.fields(TrainConfig):
+        default = field.default
+        help_text = f"{field.metadata['help']} (default: {default!r})" if default != "" else field.metadata["help"]
+        if isinstance(default, bool):
+            parser.add_argument(f"--{_flag(field.name)}", action=argparse.BooleanOptionalAction, default=None,
+                                help=help_text)
+        else:
+            choices = {"freeze": FREEZE_MODES, "dtype": DTYPES}.get(field.name)
+            metavar = None if choices else METAVARS.get(field.name, {int: "N", float: "X"}.get(type(default)))
+            parser.add_argument(f"--{_flag(field.name)}", type=type(default), default=None, help=help_text,
+                                choices=choices, metavar=metavar)
+    parser.set_defaults(run=run)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """Defaults, then the --config file, then the flags given on the command line."""
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    settings = {}
+    if args.config:
+        path = Path(args.config)
+        try:
+            loaded = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ValueError(f"{path}: no such config file") from None
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{path}: not a JSON config file ({err})") from None
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: expected a JSON object of settings")
+        for key, value in loaded.items():
+            name = key.replace("-", "_")
+            if name not in fields:
+                raise ValueError(f"{path}: unknown setting {key!r} (the keys are the flag names of "
+                                 f"`siglip2-jax finetune --help`)")
+            settings[name] = _checked(value, fields[name].default, f"{path}: {key}")
+    for name in fields:
+        if getattr(args, name, None) is not None:
+            settings[name] = getattr(args, name)
+    return TrainConfig(**settings).validate()
+
+
+def _checked(value, default, where: str):
+    kind = type(default)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ValueError(f"{where}: expected {kind.__name__}, got {json.dumps(value)}")
+    return value
+
+
+def run(args: argparse.Namespace) -> int:
+    import signal
+
+    try:
+        cfg = config_from_args(args)
+    except ValueError as err:
+        return _fail(err)
+    # preemptible machines get SIGTERM: treat it like Ctrl-C, which saves a checkpoint first
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        result = finetune(cfg)
+    except TrainingDiverged as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"interrupted: checkpoint saved in {Path(cfg.out) / 'checkpoints'}; run the same command to resume",
+              file=sys.stderr)
+        return 130
+    except (ValueError, OSError) as err:
+        return _fail(err)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    last = result.history[-1]["loss"] if result.history else float("nan")
+    print(f"trained {result.trainer.step} steps (final loss {last:.4f}); exported {result.exported}")
+    return 0
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _fail(err: BaseException) -> int:
+    lines = str(err).strip().splitlines() or [type(err).__name__]
+    print(f"error: {lines[0]}", file=sys.stderr)
+    return 2
