@@ -23,7 +23,7 @@ from siglip2_jax.model import Siglip2
 
 def image_encoder(preset: str, batch: int):
     config = Siglip2Config.preset(preset)
-    model = Siglip2(config, rngs=nnx.Rngs(0))
+    model = Siglip2(config, rngs=nnx.Rngs(0), stacked_layers=False)   # the inference layout, as load() builds
     graphdef, state = nnx.split(model)
     v = config.vision
     rng = np.random.default_rng(0)

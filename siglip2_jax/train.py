@@ -32,7 +32,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from .config import Siglip2Config
 from .losses import ring_sigmoid_loss, sigmoid_loss
-from .model.build import flat_param_shapes, flatten, model_from_params, nest
+from .model.build import flat_param_shapes, flatten, model_from_params, nest, stack_layers
 from .sharding import DEFAULT_RULES, batch_sharding, make_mesh, param_shardings
 
 FREEZE_MODES = ("none", "image", "text", "towers")
@@ -218,7 +218,7 @@ class Trainer:
         defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
         self._compiled = _compile(config, dataclasses.replace(cfg, **{k: defaults[k] for k in NOT_IN_STEP}), self.mesh)
         self.schedule = learning_rate_schedule(cfg)
-        flat = self._compiled.place(flatten(params))
+        flat = self._compiled.place(stack_layers(flatten(params)))  # training scans stacked layers
         trainable = {p: v for p, v in flat.items() if is_trainable(p, cfg.freeze)}
         self.trainable, self.frozen = nest(trainable), nest({p: v for p, v in flat.items() if p not in trainable})
         self.opt_state = self._compiled.init(self.trainable)

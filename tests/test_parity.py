@@ -13,7 +13,8 @@ import torch
 
 from siglip2_jax.checkpoint import convert, read_checkpoint_config, restore_params
 from siglip2_jax.config import preset_names
-from siglip2_jax.model.build import model_from_params
+from siglip2_jax.model import layers
+from siglip2_jax.model.build import flatten, model_from_params, nest, stack_layers, unstack_layers
 from reference import make_reference, preset_hf_config, save_reference, scaled_down
 
 EMBED_TOL, LOGIT_TOL, TOKEN_TOL = 2e-5, 1e-3, 1e-4
@@ -134,10 +135,50 @@ def test_parity_fails_when_one_op_changes(small_pair, change):
         assert_parity(d)
 
 
+@pytest.mark.parametrize("stacked", [True, False], ids=["stacked", "per_layer"])
 @pytest.mark.parametrize("implementation", ["xla", "einsum"])
-def test_both_attention_paths_match_transformers(small_pair, implementation):
-    """The GPU path (jax.nn.dot_product_attention, cuDNN there) and the CPU/TPU einsum path, both on CPU."""
+def test_both_attention_paths_match_transformers(small_pair, implementation, stacked):
+    """The GPU path (jax.nn.dot_product_attention, cuDNN there) and the CPU/TPU einsum path, both on CPU,
+    with the encoder's layers stacked (scan: training, conversion checks) or one array per layer
+    (inference, what `siglip2_jax.load` builds)."""
     config, params, pixels, ids, ref = small_pair
+    if not stacked:
+        params = nest(unstack_layers(flatten(params)))
     model = model_from_params(config, params, attention_impl=implementation)
-    assert model.vision.encoder.blocks.attn.implementation == implementation
+    assert model.vision.encoder.stacked == stacked and model.text.encoder.stacked == stacked
+    block = model.vision.encoder.blocks if stacked else model.vision.encoder.layers[0]
+    assert block.attn.implementation == implementation
     assert_parity(max_diffs(our_outputs(model, pixels, ids), ref))
+
+
+@pytest.mark.parametrize("bytes_per_step", [1, 40_000], ids=["one_pair", "several_pairs"])
+def test_grouped_attention_matches_transformers(small_pair, monkeypatch, bytes_per_step):
+    """The CPU attention that loops over groups of (image, head) pairs when their logits are large."""
+    monkeypatch.setattr(layers, "LOGITS_BYTES_ONE_STEP", 0)
+    monkeypatch.setattr(layers, "LOGITS_BYTES_PER_STEP", bytes_per_step)
+    config, params, pixels, ids, ref = small_pair
+    model = model_from_params(config, nest(unstack_layers(flatten(params))), attention_impl="einsum")
+    jaxpr = str(jax.make_jaxpr(lambda x: model.encode_texts(x))(jnp.asarray(ids)))
+    assert "while" in jaxpr or "scan" in jaxpr   # per-layer weights: only the grouping loops
+    assert_parity(max_diffs(our_outputs(model, pixels, ids), ref))
+
+
+def test_pairs_per_step():
+    assert layers._pairs_per_step(96, 64 * 64 * 4) == 96                 # small logits: one step
+    assert layers._pairs_per_step(128, 729 * 729 * 4) == 2               # So400m: 2 x 2.1 MB per step
+    assert layers._pairs_per_step(16, 729 * 729 * 4) == 2
+    assert layers._pairs_per_step(7, 729 * 729 * 4) == 1                 # prime: one pair per step
+    assert layers._pairs_per_step(12, 4096 * 4096 * 4) == 1              # over the budget alone: still one
+
+
+def test_layer_layouts_round_trip(small_pair):
+    config, params, *_ = small_pair
+    flat = flatten(params)
+    per_layer = unstack_layers(dict(flat))
+    depth = config.vision.depth
+    assert "vision/encoder/layers/0/mlp/fc1_kernel" in per_layer and not any("/blocks/" in p for p in per_layer)
+    assert per_layer[f"vision/encoder/layers/{depth - 1}/mlp/fc1_kernel"].shape == flat["vision/encoder/blocks/mlp/fc1_kernel"].shape[1:]
+    back = stack_layers(per_layer)
+    assert set(back) == set(flat)
+    for path in flat:
+        np.testing.assert_array_equal(np.asarray(back[path]), np.asarray(flat[path]))

@@ -11,6 +11,7 @@ import transformers
 from PIL import Image
 
 import siglip2_jax
+from siglip2_jax import pipeline as pipeline_module
 from siglip2_jax.checkpoint import SourceError
 from siglip2_jax.sharding import make_mesh
 from conftest import hf_dir_for, run_notebook
@@ -121,6 +122,26 @@ def test_mesh_equals_single_device(fixres, photo_files):
     sharded = siglip2_jax.load(fixres[1], mesh=make_mesh(model_parallel=2))
     assert np.abs(sharded.encode_images(photo_files) - single.encode_images(photo_files)).max() <= 1e-6
     assert np.abs(sharded.encode_texts(TEXTS) - single.encode_texts(TEXTS)).max() <= 1e-6
+
+
+@pytest.mark.parametrize("mesh", [None, "eight"])
+def test_cpu_batches_run_as_calls_of_few_tokens(fixres, photo_files, monkeypatch, mesh):
+    """Big batches on CPU run as several calls of at most CPU_TOKENS_PER_CALL tokens per device; the
+    result is the same as one call, with the images padded and sharded like one call."""
+    mesh = make_mesh() if mesh else None
+    whole = siglip2_jax.load(fixres[1], mesh=mesh)
+    images, texts = photo_files * 3, TEXTS * 5
+    expected_images, expected_texts = whole.encode_images(images), whole.encode_texts(texts)
+    monkeypatch.setattr(pipeline_module, "CPU_TOKENS_PER_CALL", 1)   # one row per device per call
+    calls = []
+    split = siglip2_jax.load(fixres[1], mesh=mesh)
+    for name in ("_image_embeds", "_text_embeds"):
+        fn = getattr(split, name)
+        setattr(split, name, lambda state, x, fn=fn: calls.append(len(jax.tree.leaves(x)[0])) or fn(state, x))
+    assert np.abs(split.encode_images(images) - expected_images).max() <= 1e-6
+    assert np.abs(split.encode_texts(texts) - expected_texts).max() <= 1e-6
+    per_call = 1 if mesh is None else mesh.shape["data"]
+    assert set(calls) == {per_call} and len(calls) > 2
 
 
 def test_naflex_pipeline(tmp_path, tokenizer_model, photo_files):

@@ -21,7 +21,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from ..config import ConfigError, Siglip2Config
-from ..model.build import flat_param_shapes, flatten, nest
+from ..model.build import flat_param_shapes, flatten, nest, stack_layers
 
 FORMAT_VERSION = 1
 ASSET_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -101,10 +101,10 @@ class CheckpointWriter:
 
 
 def write_checkpoint(out_dir: str | Path, config: Siglip2Config, leaves, **kwargs) -> Path:
-    """`leaves`: (path, array) pairs, or a nested dict of arrays."""
+    """`leaves`: (path, array) pairs, or a nested dict of arrays (encoder layers stacked or per layer)."""
     writer = CheckpointWriter(out_dir, config, **kwargs)
     try:
-        for path, value in (flatten(leaves).items() if isinstance(leaves, dict) else leaves):
+        for path, value in (stack_layers(flatten(leaves)).items() if isinstance(leaves, dict) else leaves):
             writer.add(path, value)
         return writer.finish()
     finally:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from ..config import Siglip2Config
 from .siglip import Siglip2
@@ -47,12 +51,65 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
 
 
 def model_from_params(config: Siglip2Config, params: dict, *, dtype=jnp.float32, **kw) -> Siglip2:
-    """Build the model around an existing params tree (nested dict of arrays), allocating nothing else."""
+    """Build the model around an existing params tree (nested dict of arrays), allocating nothing else.
+    The encoder layout follows the params: stacked ("encoder/blocks/...") or per layer ("encoder/layers/i/...")."""
+    given = set(flatten(params))
+    kw.setdefault("stacked_layers", not any(_LAYER.search(path) for path in given))
     model = abstract_model(config, dtype=dtype, **kw)
     graphdef, state = nnx.split(model)
-    expected, given = set(flatten(nnx.to_pure_dict(state))), set(flatten(params))
+    expected = set(flatten(nnx.to_pure_dict(state)))
     if expected != given:
         raise ValueError(f"params do not match the config: missing {sorted(expected - given)[:3]}, "
                          f"unexpected {sorted(given - expected)[:3]}")
-    nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
+    nnx.replace_by_pure_dict(state, _with_int_keys(jax.tree.map(jnp.asarray, params)))
     return nnx.merge(graphdef, state)
+
+
+_STACKED = re.compile(r"^(.*/encoder)/blocks/(.*)$")
+_LAYER = re.compile(r"^(.*/encoder)/layers/(\d+)/(.*)$")
+
+
+def unstack_layers(flat: dict) -> dict:
+    """Flat params with stacked encoder blocks -> one entry per layer, in place and returned.
+
+    "vision/encoder/blocks/mlp/fc1_kernel" (depth, ...) becomes "vision/encoder/layers/{i}/mlp/fc1_kernel".
+    Each stacked array is popped before the next is sliced, so when `flat` holds the only reference the
+    extra memory is one array, not one encoder. Sharded arrays keep their sharding on the other axes."""
+    for path in [p for p in flat if _STACKED.match(p)]:
+        encoder, rest = _STACKED.match(path).groups()
+        stacked = flat.pop(path)
+        for i in range(stacked.shape[0]):
+            flat[f"{encoder}/layers/{i}/{rest}"] = _take_layer(stacked, i)
+        del stacked
+    return flat
+
+
+def stack_layers(flat: dict) -> dict:
+    """The inverse of `unstack_layers` (numpy or jax arrays), returning a new flat dict."""
+    out, layers = {}, {}
+    for path, value in flat.items():
+        match = _LAYER.match(path)
+        if match is None:
+            out[path] = value
+        else:
+            encoder, i, rest = match.groups()
+            layers.setdefault(f"{encoder}/blocks/{rest}", {})[int(i)] = value
+    for path, per_layer in layers.items():
+        values = [per_layer[i] for i in range(len(per_layer))]
+        out[path] = np.stack(values) if isinstance(values[0], np.ndarray) else jnp.stack(values)
+    return out
+
+
+def _take_layer(stacked, i: int):
+    """Layer i of a stacked array; a sharded one keeps its sharding on the remaining axes."""
+    sharding = getattr(stacked, "sharding", None)
+    if isinstance(sharding, NamedSharding):
+        return jax.device_put(stacked[i], NamedSharding(sharding.mesh, PartitionSpec(*sharding.spec[1:])))
+    return stacked[i]
+
+
+def _with_int_keys(tree):
+    """nest() makes every key a string; nnx.List children are indexed by int."""
+    if not isinstance(tree, dict):
+        return tree
+    return {int(k) if isinstance(k, str) and k.isdigit() else k: _with_int_keys(v) for k, v in tree.items()}

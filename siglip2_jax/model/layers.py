@@ -72,12 +72,14 @@ class Attention(nnx.Module):
 
     Self-attention runs the fused projection as one matmul; the MAP head's cross-attention (a learned
     query against the tokens) uses the same weights, split into the query part and the key/value part.
+    Projections are plain 2-D matmuls against the kernels as stored ((in, out) after a free reshape), and
+    the activations are what gets transposed: einsums that ask for a heads-major output made XLA
+    transpose the whole weight matrix on every call (~30% of a text layer at batch 1 on CPU).
 
-    `implementation`: "einsum" computes heads-major attention with plain einsums (the fastest on CPU:
-    ~15% over the generic path, no layout transposes); "xla" or "cudnn" call
-    `jax.nn.dot_product_attention` with that implementation (cudnn: flash attention on NVIDIA GPUs);
-    None picks cudnn-capable `dot_product_attention` on GPU and "einsum" elsewhere. The softmax is
-    float32 in every case.
+    `implementation`: "einsum" runs the attention core heads-major, (B, H, T, E), with plain einsums
+    (the fastest on CPU); "xla" or "cudnn" call `jax.nn.dot_product_attention` with that implementation
+    (cudnn: flash attention on NVIDIA GPUs); None picks cudnn-capable `dot_product_attention` on GPU and
+    "einsum" elsewhere. The softmax is float32 in every case.
     """
 
     def __init__(self, width: int, num_heads: int, *, dtype, param_dtype, rngs, implementation=None):
@@ -95,33 +97,73 @@ class Attention(nnx.Module):
         c = self.dtype
         w, b = self.qkv_kernel[...].astype(c), self.qkv_bias[...].astype(c)
         x = x.astype(c)
+        if query is None:
+            q, k, v = _project(x, w, b)
+        else:
+            (q,) = _project(query.astype(c), w[:, :1], b[:1])
+            k, v = _project(x, w[:, 1:], b[1:])
         impl = self.implementation or ("einsum" if jax.default_backend() != "gpu" else None)
         if impl == "einsum":
-            out = self._einsum_attention(x, w, b, key_mask, query)
-            return jnp.einsum("bhte,hed->btd", out, self.out_kernel[...].astype(c)) + self.out_bias[...].astype(c)
-        if query is None:
-            q, k, v = jnp.unstack(jnp.einsum("bsd,dkhe->kbshe", x, w) + b[:, None, None], axis=0)
+            out = self._heads_major_attention(q, k, v, key_mask)
         else:
-            q = jnp.einsum("btd,dhe->bthe", query.astype(c), w[:, 0]) + b[0]
-            k, v = jnp.unstack(jnp.einsum("bsd,dkhe->kbshe", x, w[:, 1:]) + b[1:, None, None], axis=0)
-        mask = None if key_mask is None else key_mask[:, None, None, :]
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=self.scale, implementation=impl)
-        return jnp.einsum("bthe,hed->btd", out, self.out_kernel[...].astype(c)) + self.out_bias[...].astype(c)
+            mask = None if key_mask is None else key_mask[:, None, None, :]
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=self.scale, implementation=impl)
+        batch, length, heads, head_dim = out.shape
+        wo = self.out_kernel[...].astype(c).reshape(heads * head_dim, -1)
+        return out.reshape(batch, length, heads * head_dim) @ wo + self.out_bias[...].astype(c)
 
-    def _einsum_attention(self, x, w, b, key_mask, query) -> Array:
-        """Heads-major (B, H, T, E) attention: every einsum is a plain batched matmul."""
-        if query is None:
-            qkv = jnp.einsum("bsd,dkhe->kbhse", x, w) + b[:, None, :, None]
-            q, k, v = qkv[0], qkv[1], qkv[2]
+    def _heads_major_attention(self, q, k, v, key_mask) -> Array:
+        """(B, T, H, E) in and out; inside, (B, H, T, E) so that every einsum is a plain batched matmul."""
+        q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
+        q = q * jnp.asarray(self.scale, q.dtype)   # on q, not the logits: T*E products instead of T*S
+        mask = None if key_mask is None else key_mask[:, None, None, :]
+        batch, heads, length, head_dim = q.shape
+        pairs = batch * heads
+        group = _pairs_per_step(pairs, length * k.shape[2] * 4) if jax.default_backend() == "cpu" else pairs
+        if group == pairs:
+            out = _softmax_attention(q, k, v, mask)
         else:
-            q = jnp.einsum("btd,dhe->bhte", query.astype(x.dtype), w[:, 0]) + b[0][None, :, None]
-            kv = jnp.einsum("bsd,dkhe->kbhse", x, w[:, 1:]) + b[1:, None, :, None]
-            k, v = kv[0], kv[1]
-        logits = jnp.einsum("bhte,bhse->bhts", q, k, preferred_element_type=jnp.float32) * self.scale
-        if key_mask is not None:
-            logits = jnp.where(key_mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        return jnp.einsum("bhts,bhse->bhte", probs, v)
+            # one (T, S) logits matrix per (image, head) of a few MB: computed all at once they leave the
+            # cache between the two matmuls (3x slower at So400m's 729 tokens on CPU), so loop over groups
+            steps = [t.reshape(pairs // group, group, *t.shape[2:]) for t in (q, k, v)]
+            if mask is not None:
+                mask = jnp.broadcast_to(mask, (batch, heads, 1, mask.shape[-1]))
+                steps.append(mask.reshape(pairs // group, group, 1, -1))
+            out = jax.lax.map(lambda a: _softmax_attention(*a[:3], a[3] if len(a) > 3 else None), steps)
+            out = out.reshape(batch, heads, length, head_dim)
+        return out.transpose(0, 2, 1, 3)
+
+
+# Logits of at most this many bytes per (image, head) pair are computed for the whole batch at once;
+# larger ones in groups of pairs of up to LOGITS_BYTES_PER_STEP (CPU only; measured on x86-64).
+LOGITS_BYTES_ONE_STEP = 1 << 19
+LOGITS_BYTES_PER_STEP = 8 << 20
+
+
+def _pairs_per_step(pairs: int, pair_bytes: int) -> int:
+    if pair_bytes <= LOGITS_BYTES_ONE_STEP:
+        return pairs
+    limit = max(1, LOGITS_BYTES_PER_STEP // pair_bytes)
+    return max(d for d in range(1, min(pairs, limit) + 1) if pairs % d == 0)
+
+
+def _softmax_attention(q: Array, k: Array, v: Array, mask: Array | None) -> Array:
+    """softmax(q k^T) v over the last two axes, normalised after the second matmul (T*E divisions
+    instead of T*S); logits and the softmax in float32."""
+    logits = jnp.einsum("...te,...se->...ts", q, k, preferred_element_type=jnp.float32)
+    if mask is not None:
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    weights = jnp.exp(logits - logits.max(-1, keepdims=True))
+    out = jnp.einsum("...ts,...se->...te", weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return (out / weights.sum(-1, keepdims=True)).astype(v.dtype)
+
+
+def _project(x: Array, kernel: Array, bias: Array) -> list[Array]:
+    """x (B, S, D) times kernel (D, n, H, E) plus bias (n, H, E) -> n arrays of (B, S, H, E)."""
+    batch, length, width = x.shape
+    _, n, heads, head_dim = kernel.shape
+    y = (x.reshape(batch * length, width) @ kernel.reshape(width, -1)).reshape(batch, length, n, heads, head_dim)
+    return list(jnp.unstack(y + bias, axis=2))
 
 
 class EncoderBlock(nnx.Module):
@@ -141,11 +183,22 @@ class EncoderBlock(nnx.Module):
 
 
 class Encoder(nnx.Module):
-    """`depth` blocks whose parameters are stacked on a leading "layers" axis and run with `lax.scan`:
-    one compiled block instead of `depth` copies (compile time stays flat as models grow)."""
+    """`depth` pre-LN blocks, in one of two parameter layouts.
 
-    def __init__(self, depth: int, *, rngs: nnx.Rngs, **block_kwargs):
+    stacked=True (checkpoints, training): the blocks' parameters are stacked on a leading "layers" axis
+    and run with `lax.scan`, one compiled block instead of `depth` copies (compile time stays flat).
+    stacked=False (inference): one block per layer. Inside a compiled scan each layer's slice of the
+    stacked weights is copied out on every call, which at small batches costs 15-30% of the encoder;
+    separate arrays are read in place. `siglip2_jax.model.build.unstack_layers` / `stack_layers` convert
+    params between the two.
+    """
+
+    def __init__(self, depth: int, *, rngs: nnx.Rngs, stacked: bool = True, **block_kwargs):
         keys = jax.random.split(rngs.params(), depth)
+        self.stacked = stacked
+        if not stacked:
+            self.layers = nnx.List([EncoderBlock(rngs=nnx.Rngs(params=key), **block_kwargs) for key in keys])
+            return
 
         @nnx.vmap(in_axes=0, out_axes=0)
         def make_blocks(key):
@@ -158,6 +211,13 @@ class Encoder(nnx.Module):
 
     def __call__(self, x: Array, key_mask: Array | None = None, return_hidden: bool = False):
         """Returns (output, per-block outputs stacked as (depth, B, S, D) or None)."""
+        if not self.stacked:
+            hidden = []
+            for block in self.layers:
+                x = block(x, key_mask)
+                hidden.append(x)
+            return x, (jnp.stack(hidden) if return_hidden else None)
+
         graphdef, stacked = nnx.split(self.blocks)
 
         def step(h, layer_state):

@@ -25,9 +25,10 @@ class Siglip2(nnx.Module):
     """Either tower may be absent (standalone vision or text checkpoints)."""
 
     def __init__(self, config: Siglip2Config, *, dtype=jnp.float32, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs | None = None, attention_impl=None):
+                 rngs: nnx.Rngs | None = None, attention_impl=None, stacked_layers: bool = True):
         rngs = rngs if rngs is not None else nnx.Rngs(0)
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs, attention_impl=attention_impl)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs, attention_impl=attention_impl,
+                  stacked_layers=stacked_layers)
         self.config = config
         self.vision = VisionTower(config.vision, **kw) if config.vision is not None else None
         self.text = TextTower(config.text, **kw) if config.text is not None else None

@@ -19,7 +19,7 @@ Array = jax.Array
 
 class TextTower(nnx.Module):
     def __init__(self, cfg: TextConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs,
-                 attention_impl=None):
+                 attention_impl=None, stacked_layers: bool = True):
         self.dtype = dtype
         self.max_length = cfg.max_length
         self.token_embed = param(rngs, (cfg.vocab_size, cfg.width), ("vocab", "embed"), param_dtype,
@@ -27,8 +27,8 @@ class TextTower(nnx.Module):
         self.position = param(rngs, (cfg.max_length, cfg.width), (None, "embed"), jnp.float32,
                               nnx.initializers.normal(cfg.width ** -0.5))
         self.encoder = Encoder(
-            cfg.depth, rngs=rngs, width=cfg.width, mlp_dim=cfg.mlp_dim, num_heads=cfg.num_heads,
-            eps=cfg.layer_norm_eps, approximate_gelu=cfg.approximate_gelu, dtype=dtype,
+            cfg.depth, rngs=rngs, stacked=stacked_layers, width=cfg.width, mlp_dim=cfg.mlp_dim,
+            num_heads=cfg.num_heads, eps=cfg.layer_norm_eps, approximate_gelu=cfg.approximate_gelu, dtype=dtype,
             param_dtype=param_dtype, attention_impl=attention_impl)
         self.final_norm = LayerNorm(cfg.width, cfg.layer_norm_eps, dtype=dtype, param_dtype=param_dtype)
         self.head_kernel = param(rngs, (cfg.width, cfg.projection_size), ("embed", "proj"), param_dtype)

@@ -103,14 +103,14 @@ class NaFlexEmbedding(nnx.Module):
 
 class VisionTower(nnx.Module):
     def __init__(self, cfg: VisionConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs,
-                 attention_impl=None):
+                 attention_impl=None, stacked_layers: bool = True):
         self.dtype = dtype
         embedding = NaFlexEmbedding if cfg.naflex else FixResEmbedding
         self.embed = embedding(cfg, rngs=rngs)
         block = dict(width=cfg.width, mlp_dim=cfg.mlp_dim, num_heads=cfg.num_heads, eps=cfg.layer_norm_eps,
                      approximate_gelu=cfg.approximate_gelu, dtype=dtype, param_dtype=param_dtype,
                      attention_impl=attention_impl)
-        self.encoder = Encoder(cfg.depth, rngs=rngs, **block)
+        self.encoder = Encoder(cfg.depth, rngs=rngs, stacked=stacked_layers, **block)
         self.post_norm = LayerNorm(cfg.width, cfg.layer_norm_eps, dtype=dtype, param_dtype=param_dtype)
         self.head = MapHead(rngs=rngs, **block)
 
