@@ -77,10 +77,8 @@ def unstack_layers(flat: dict) -> dict:
     extra memory is one array, not one encoder. Sharded arrays keep their sharding on the other axes."""
     for path in [p for p in flat if _STACKED.match(p)]:
         encoder, rest = _STACKED.match(path).groups()
-        stacked = flat.pop(path)
-        for i in range(stacked.shape[0]):
-            flat[f"{encoder}/layers/{i}/{rest}"] = _take_layer(stacked, i)
-        del stacked
+        for i, layer in enumerate(_split_layers(flat.pop(path))):
+            flat[f"{encoder}/layers/{i}/{rest}"] = layer
     return flat
 
 
@@ -100,12 +98,18 @@ def stack_layers(flat: dict) -> dict:
     return out
 
 
-def _take_layer(stacked, i: int):
-    """Layer i of a stacked array; a sharded one keeps its sharding on the remaining axes."""
+def _split_layers(stacked) -> list:
+    """The layers of a stacked array, each placed like the stacked one minus its leading axis.
+    Sliced on the host (no compilation: eager indexing would compile one program per layer and shape,
+    ~10 s of cold start at So400m); arrays spread over several hosts go through one compiled split."""
     sharding = getattr(stacked, "sharding", None)
     if isinstance(sharding, NamedSharding):
-        return jax.device_put(stacked[i], NamedSharding(sharding.mesh, PartitionSpec(*sharding.spec[1:])))
-    return stacked[i]
+        sharding = NamedSharding(sharding.mesh, PartitionSpec(*sharding.spec[1:]))
+    if sharding is not None and not getattr(stacked, "is_fully_addressable", True):
+        split = jax.jit(lambda a: [a[i] for i in range(a.shape[0])], out_shardings=[sharding] * stacked.shape[0])
+        return split(stacked)
+    host = np.asarray(stacked)
+    return [jax.device_put(layer, sharding) if sharding is not None else layer for layer in host]
 
 
 def _with_int_keys(tree):
