@@ -86,3 +86,12 @@ def save_reference(model, directory: Path, max_shard_size=None) -> Path:
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(str(directory), **kwargs)
     return directory
+
+
+def convert_reference(hf_dir: Path, out_dir: Path):
+    """A saved reference through our converter and back: (config, params) as `siglip2_jax.load` reads them."""
+    from siglip2_jax.checkpoint import convert, read_checkpoint_config, restore_params
+
+    convert(hf_dir, out_dir)
+    config = read_checkpoint_config(out_dir)
+    return config, restore_params(out_dir, config)

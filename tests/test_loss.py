@@ -15,12 +15,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from siglip2_jax.checkpoint import convert, load_hf_params, read_checkpoint_config, restore_params
+from siglip2_jax.checkpoint import load_hf_params
 from siglip2_jax.losses import pair_logits, ring_sigmoid_loss, sigmoid_loss
 from siglip2_jax.model.build import flatten, model_from_params
 from siglip2_jax.sharding import make_mesh
 from siglip2_jax.train import batch_loss
-from reference import make_reference, preset_hf_config, save_reference, scaled_down
+from reference import convert_reference, make_reference, preset_hf_config, save_reference, scaled_down
 
 LOSS_TOL, GRAD_TOL = 1e-5, 1e-4
 
@@ -32,9 +32,7 @@ def torch_and_ours(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("loss")
     hf = scaled_down(preset_hf_config("siglip2-base-patch32-256"))
     reference = make_reference(hf, seed=3)
-    save_reference(reference, tmp / "hf")
-    convert(tmp / "hf", tmp / "ours")
-    config = read_checkpoint_config(tmp / "ours")
+    config, params = convert_reference(save_reference(reference, tmp / "hf"), tmp / "ours")
 
     rng = np.random.default_rng(0)
     pixels = rng.uniform(-1, 1, (6, 256, 256, 3)).astype(np.float32)
@@ -54,7 +52,6 @@ def torch_and_ours(tmp_path_factory):
     save_file({name: p.grad.contiguous() for name, p in reference.named_parameters()}, grads_dir / "model.safetensors")
     shutil.copy(tmp / "hf" / "config.json", grads_dir / "config.json")
     _, torch_grads = load_hf_params(grads_dir, config)
-    params = restore_params(tmp / "ours", config)
     params["logit_scale"] = jnp.asarray(np.log(10.0), jnp.float32)
     params["logit_bias"] = jnp.asarray(-2.0, jnp.float32)
     batch = dict(images=jnp.asarray(pixels), token_ids=jnp.asarray(ids))

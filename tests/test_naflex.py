@@ -9,11 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from siglip2_jax.checkpoint import convert, read_checkpoint_config, restore_params
 from siglip2_jax.images import preprocess_naflex
 from siglip2_jax.model import layers, vision
 from siglip2_jax.model.build import model_from_params
-from reference import make_reference, preset_hf_config, save_reference, scaled_down
+from reference import convert_reference, make_reference, preset_hf_config, save_reference, scaled_down
 
 EMBED_TOL, LOGIT_TOL, HIDDEN_TOL = 2e-5, 1e-3, 1e-4
 # (height, width) in pixels: extreme strips both ways, tiny, HD, and ordinary photos
@@ -71,10 +70,7 @@ def setup(tmp_path, name, scaled, budget=256, seed=0, **model_kw):
     if scaled:
         hf = scaled_down(hf)
     reference = make_reference(hf, seed=seed)
-    save_reference(reference, tmp_path / "hf")
-    convert(tmp_path / "hf", tmp_path / "ours")
-    config = read_checkpoint_config(tmp_path / "ours")
-    model = model_from_params(config, restore_params(tmp_path / "ours", config), **model_kw)
+    model = model_from_params(*convert_reference(save_reference(reference, tmp_path / "hf"), tmp_path / "ours"), **model_kw)
     inputs = preprocess_naflex(images(SIZES), 16, budget)
     rng = np.random.default_rng(1)
     ids = rng.integers(0, hf["text_config"]["vocab_size"], (3, 64)).astype(np.int32)

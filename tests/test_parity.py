@@ -11,11 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from siglip2_jax.checkpoint import convert, read_checkpoint_config, restore_params
 from siglip2_jax.config import preset_names
 from siglip2_jax.model import layers
 from siglip2_jax.model.build import flatten, model_from_params, nest, stack_layers, unstack_layers
-from reference import make_reference, preset_hf_config, save_reference, scaled_down
+from reference import convert_reference, make_reference, preset_hf_config, save_reference, scaled_down
 
 EMBED_TOL, LOGIT_TOL, TOKEN_TOL = 2e-5, 1e-3, 1e-4
 FIXRES = [n for n in preset_names() if "naflex" not in n]
@@ -61,9 +60,7 @@ def assert_parity(d):
 
 
 def convert_and_load(hf_dir, out_dir):
-    convert(hf_dir, out_dir)
-    config = read_checkpoint_config(out_dir)
-    return model_from_params(config, restore_params(out_dir, config))
+    return model_from_params(*convert_reference(hf_dir, out_dir))
 
 
 @pytest.mark.parametrize("name", FIXRES)
@@ -88,11 +85,9 @@ def small_pair(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("mutation")
     hf = scaled_down(preset_hf_config("siglip2-so400m-patch14-384"))
     reference = make_reference(hf, seed=1)
-    save_reference(reference, tmp / "hf")
-    convert(tmp / "hf", tmp / "ours")
-    config = read_checkpoint_config(tmp / "ours")
+    config, params = convert_reference(save_reference(reference, tmp / "hf"), tmp / "ours")
     pixels, ids = inputs_for(hf, batch=2)
-    return config, restore_params(tmp / "ours", config), pixels, ids, reference_outputs(reference, pixels, ids)
+    return config, params, pixels, ids, reference_outputs(reference, pixels, ids)
 
 
 def _perturbed(params, path, index, delta):
