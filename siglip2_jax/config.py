@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.resources
 import json
+import string
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,28 @@ _TANH_GELU = {"gelu_pytorch_tanh", "gelu_new", "gelu_fast", "gelu_tanh"}
 _EXACT_GELU = {"gelu"}
 
 PRESETS_DIR = Path(str(importlib.resources.files("siglip2_jax.presets")))  # the repo's configs/
+DEFAULT_MODEL = "google/siglip2-base-patch16-224"
+DEFAULT_TEMPLATE = "This is a photo of {}."  # zero-shot prompt; `{}` is where the label goes
+
+
+def check_template(template: str) -> str:
+    """`template` if it has exactly one `{}` field (the label's place) and no other: `template.format(label)`
+    must work for any label. Literal braces are written `{{` and `}}`, as in `str.format`.
+
+    Raises ValueError naming the template and what is wrong with it."""
+    try:
+        fields = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(template)
+                  if name is not None]
+    except ValueError as err:  # an unmatched brace
+        raise ValueError(f"template {template!r}: {err} (write a literal brace as {{{{ or }}}})") from None
+    if not fields:
+        raise ValueError(f"template {template!r}: needs {{}} where the label goes")
+    if fields != [("", "", None)]:
+        found = ", ".join("{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+                          for name, spec, conversion in fields)
+        raise ValueError(f"template {template!r}: needs exactly one {{}} where the label goes, and no other field "
+                         f"(found: {found}); write a literal brace as {{{{ or }}}}")
+    return template
 
 
 class ConfigError(ValueError):

@@ -26,12 +26,14 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-import grain
 import numpy as np
 
 from .images import ImageError, preprocess_fixres, preprocess_naflex
+
+if TYPE_CHECKING:  # grain is imported where a loader is made: the CLI's --help must not wait for it
+    import grain
 
 # ------------------------------------------------------------------------------------------------ listing
 
@@ -96,6 +98,8 @@ def make_loader(records: Sequence, transform: Callable[[Any], Any], *, batch_siz
     batch_size: stack that many transformed records (numpy leaves along a new first axis); None: no batching.
     Iterating yields the transformed records (or batches) in a deterministic order.
     """
+    import grain
+
     index, count = shard
     dataset = grain.MapDataset.source(shard_records(list(records), index, count, drop_remainder=drop_remainder))
     if shuffle:

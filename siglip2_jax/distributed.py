@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 
-import jax
 import numpy as np
 
 ENV = {"coordinator_address": "JAX_COORDINATOR_ADDRESS", "num_processes": "JAX_NUM_PROCESSES",
@@ -22,11 +21,13 @@ ENV = {"coordinator_address": "JAX_COORDINATOR_ADDRESS", "num_processes": "JAX_N
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from .cli import int_at_least
+
     group = parser.add_argument_group("multi-host (one process per host; all flags default to the environment)")
     group.add_argument("--coordinator-address", metavar="HOST:PORT",
                        help="address of process 0, the same on every host ($JAX_COORDINATOR_ADDRESS)")
-    group.add_argument("--num-processes", type=int, metavar="N", help="number of processes ($JAX_NUM_PROCESSES)")
-    group.add_argument("--process-id", type=int, metavar="I", help="this process, 0..N-1 ($JAX_PROCESS_ID)")
+    group.add_argument("--num-processes", type=int_at_least(1), metavar="N", help="number of processes ($JAX_NUM_PROCESSES)")
+    group.add_argument("--process-id", type=int_at_least(0), metavar="I", help="this process, 0..N-1 ($JAX_PROCESS_ID)")
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
@@ -39,6 +40,8 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
             given[name] = os.environ[env] if name == "coordinator_address" else int(os.environ[env])
     if all(value is None for value in given.values()):
         return False
+    import jax  # here, not at the top: the CLI's --help imports this module and must not wait for jax
+
     # CPU devices of different processes need a collectives library for the barriers below (GPU and TPU
     # bring their own); the setting must precede initialize.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -48,6 +51,8 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
 
 def barrier(name: str) -> None:
     """Waits until every process has reached the barrier called `name`."""
+    import jax
+
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
@@ -57,6 +62,8 @@ def barrier(name: str) -> None:
 def agree(flags: np.ndarray) -> np.ndarray:
     """Process 0's copy of a boolean array, on every process: one view of shared state for all of them
     (what each process sees of a file system may lag behind the others')."""
+    import jax
+
     if jax.process_count() == 1:
         return flags
     from jax.experimental import multihost_utils

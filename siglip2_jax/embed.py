@@ -472,6 +472,8 @@ OUT/refused.jsonl); 2 bad arguments or model, or OUT was started with another mo
 
 
 def register(commands) -> None:
+    from .cli import int_at_least, positive_int  # counts of 0 or less are usage errors, not defaults
+
     parser = commands.add_parser(
         "embed", help="embed a folder or list of images (or captions), sharded, multi-host, resumable",
         description="Embed every image of a folder or list (or every caption of a text file) into OUT,\n"
@@ -482,14 +484,14 @@ def register(commands) -> None:
     parser.add_argument("out", metavar="OUT", help="output folder (created; continued if it holds this job)")
     parser.add_argument("--texts", action="store_true", help="INPUT is a text file of captions, one per line")
     parser.add_argument("--dtype", default="float32", choices=DTYPES, help="stored precision (default float32)")
-    parser.add_argument("--batch-size", type=int, default=128, help="inputs per step over all local devices (default 128)")
-    parser.add_argument("--part-size", type=int, default=4096,
+    parser.add_argument("--batch-size", type=positive_int, default=128, help="inputs per step over all local devices (default 128)")
+    parser.add_argument("--part-size", type=positive_int, default=4096,
                         help="inputs per output part, the unit of resuming (default 4096)")
-    parser.add_argument("--max-num-patches", type=int, default=None,
+    parser.add_argument("--max-num-patches", type=positive_int, default=None,
                         help="NaFlex models: patch budget per image (default: the checkpoint's, usually 256)")
-    parser.add_argument("--model-parallel", type=int, default=1,
+    parser.add_argument("--model-parallel", type=positive_int, default=1,
                         help="devices that share one copy of the weights (default 1: pure data parallel)")
-    parser.add_argument("--workers", type=int, default=None,
+    parser.add_argument("--workers", type=int_at_least(0), default=None,
                         help="image decoding processes (default: CPU cores - 1, at most 32, with accelerators; "
                              "0 on CPU, where this process decodes while the model runs on the cores)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")

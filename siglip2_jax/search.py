@@ -128,6 +128,8 @@ exit status: 0 results printed; 2 bad arguments, OUT not an embed output, or the
 
 
 def register(commands) -> None:
+    from .cli import positive_int  # counts of 0 or less are usage errors, not defaults
+
     parser = commands.add_parser(
         "search", help="rank an embed output by similarity to a text or an image",
         description="Rank the embeddings in OUT (written by `siglip2-jax embed`) by similarity to a text\n"
@@ -136,10 +138,10 @@ def register(commands) -> None:
     parser.add_argument("out", metavar="OUT", help="an embed output folder")
     parser.add_argument("query", metavar="QUERY", nargs="?", help="the text to search for")
     parser.add_argument("--image", metavar="PATH", help="search by this image instead of a text")
-    parser.add_argument("--top-k", type=int, default=10, help="results to show (default 10)")
+    parser.add_argument("--top-k", type=positive_int, default=10, help="results to show (default 10)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--model", help="the model, if it has moved since embedding (must be the same weights)")
-    parser.add_argument("--chunk-rows", type=int, default=DEFAULT_CHUNK_ROWS,
+    parser.add_argument("--chunk-rows", type=positive_int, default=DEFAULT_CHUNK_ROWS,
                         help=f"embeddings scored per step: bounds memory (default {DEFAULT_CHUNK_ROWS})")
     parser.add_argument("--partial", action="store_true", help="search an unfinished OUT (the parts done so far)")
     parser.set_defaults(run=run)

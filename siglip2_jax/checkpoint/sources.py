@@ -7,7 +7,8 @@ from pathlib import Path
 from .safetensors_reader import PICKLE_SUFFIXES, WeightsError, refuse_pickle_message
 
 HUB_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.model", "tokenizer.json",
-             "tokenizer_config.json", "special_tokens_map.json", "preprocessor_config.json", "processor_config.json"]
+             "tokenizer_config.json", "special_tokens_map.json", "preprocessor_config.json", "processor_config.json",
+             "*.npz", "*.model"]  # big_vision checkpoints (the google/siglip2-*-jax repos) and their tokenizer
 
 
 class SourceError(ValueError):
@@ -34,4 +35,5 @@ def resolve_source(source: str | Path) -> Path:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise SourceError(
             f"{source}: could not download from the Hugging Face hub ({reason}). Offline? Download it "
-            f"elsewhere (`huggingface-cli download {source}`) and pass the local directory instead.") from None
+            f"elsewhere (`hf download {source} --local-dir {text.split('/')[1]}`) and pass the local directory "
+            f"instead.") from None
