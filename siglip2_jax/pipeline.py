@@ -19,13 +19,11 @@ from flax import nnx
 
 from .checkpoint import (is_checkpoint, iter_hf_params, read_checkpoint_config, resolve_source, restore_params,
                          write_checkpoint)
-from .config import Siglip2Config
+from .config import DEFAULT_MODEL, DEFAULT_TEMPLATE, Siglip2Config  # noqa: F401 (DEFAULT_MODEL: re-exported)
 from .images import preprocess_fixres, preprocess_naflex
 from .model.build import flatten, model_from_params, nest, unstack_layers
 from .sharding import batch_sharding, param_shardings
 
-DEFAULT_MODEL = "google/siglip2-base-patch16-224"
-DEFAULT_TEMPLATE = "This is a photo of {}."
 
 
 @dataclasses.dataclass
