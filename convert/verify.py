@@ -26,9 +26,10 @@ class Report:
     cosines: dict          # name -> min cosine(ours, reference) over the batch
     passed: bool
     criterion: str
+    reference: str = ""    # what the outputs were compared with, when not the source's transformers model
 
     def lines(self) -> list[str]:
-        out = [f"  {name:<14} max|Δ| {self.diffs[name]:.3e}"
+        out = ([f"verification against {self.reference}:"] if self.reference else []) + [f"  {name:<14} max|Δ| {self.diffs[name]:.3e}"
                + (f"   min cosine {self.cosines[name]:.7f}" if name in self.cosines else "") for name in self.diffs]
         return out + [f"  {'PASS' if self.passed else 'FAIL'} ({self.criterion})"]
 
@@ -120,3 +121,48 @@ def compare(ours: dict, reference: dict, bf16_weights: bool = False) -> Report:
 def verify(hf_dir: str | Path, checkpoint_dir: str | Path, bf16_weights: bool = False, batch: int = 3) -> Report:
     inputs = random_inputs(read_checkpoint_config(checkpoint_dir), batch)
     return compare(our_outputs(checkpoint_dir, inputs), reference_outputs(hf_dir, inputs), bf16_weights)
+
+
+def open_clip_outputs(npz: str | Path, config: Siglip2Config, inputs: dict) -> dict:
+    """open_clip's model on `inputs`, its weights read from `npz` by open_clip's own big_vision loader
+    (run in a child process: see open_clip_reference.py)."""
+    import json
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        (tmp / "config.json").write_text(json.dumps(config.to_hf()))
+        np.savez(tmp / "inputs.npz", pixels=inputs["pixels"], token_ids=inputs["token_ids"])
+        run = subprocess.run([sys.executable, "-m", "siglip2_convert.open_clip_reference", str(npz), str(tmp / "config.json"),
+                              str(tmp / "inputs.npz"), str(tmp / "out.npz")], capture_output=True, text=True)
+        if run.returncode != 0:
+            raise RuntimeError(f"the open_clip reference failed: {run.stderr.strip().splitlines()[-1:]}")
+        with np.load(tmp / "out.npz", allow_pickle=False) as ref:
+            out = {k: ref[k] for k in ref.files}
+    zi, zt = _normalize(out["image"]), _normalize(out["text"])
+    out["logits"] = zi @ zt.T * np.exp(out["logit_scale"].astype(np.float64)) + out["logit_bias"].astype(np.float64)
+    return {k: out[k] for k in ("image", "text", "logits")}
+
+
+def verify_big_vision(npz: str | Path, checkpoint_dir: str | Path, bf16_weights: bool = False, batch: int = 3) -> Report:
+    """Certify a `.npz` conversion. FixRes: against open_clip reading the `.npz` itself. NaFlex (open_clip
+    has none): against transformers on the checkpoint exported to HF format, which checks the model and
+    the export but not the `.npz` mapping (the tests check that against transformers' published one)."""
+    import tempfile
+
+    from siglip2_jax.checkpoint import export_hf
+
+    config = read_checkpoint_config(checkpoint_dir)
+    inputs = random_inputs(config, batch)
+    ours = our_outputs(checkpoint_dir, inputs)
+    if not config.naflex:
+        report = compare(ours, open_clip_outputs(npz, config, inputs), bf16_weights)
+        report.reference = "open_clip's big_vision loader and model (float32)"
+        return report
+    with tempfile.TemporaryDirectory() as tmp:
+        export_hf(checkpoint_dir, Path(tmp) / "hf")
+        report = compare(ours, reference_outputs(Path(tmp) / "hf", inputs), bf16_weights)
+    report.reference = "transformers on the checkpoint exported to HF format (open_clip has no NaFlex model)"
+    return report

@@ -19,8 +19,10 @@ DESCRIPTION = """\
 SigLIP 2 vision-language encoders in JAX.
 
 commands:
-  convert SRC OUT              Hugging Face weights (hub id or local dir) -> a siglip2-jax checkpoint;
-                               --verify certifies it against transformers.
+  convert SRC OUT              Hugging Face weights (hub id or local dir) or a big_vision .npz -> a
+                               siglip2-jax checkpoint; --verify certifies it against a reference.
+  export CKPT OUT              a siglip2-jax checkpoint (converted or fine-tuned) -> a Hugging Face
+                               model directory that transformers loads.
   classify [MODEL] IMAGE...    zero-shot classification: sigmoid probability of each --labels entry.
   embed MODEL INPUT OUT        embed a folder / list of images (or --texts captions): sharded over all
                                devices and hosts, resumable after any crash.
@@ -75,6 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
                                   epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(convert)
     convert.set_defaults(run=run_convert)
+
+    from siglip2_convert.__main__ import EXPORT_EPILOG, add_export_arguments, run_export
+    export = commands.add_parser("export", help="export a siglip2-jax checkpoint to Hugging Face format",
+                                 description="Export a siglip2-jax checkpoint (converted or fine-tuned) to a "
+                                             "Hugging Face transformers model directory.",
+                                 epilog=EXPORT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_export_arguments(export)
+    export.set_defaults(run=run_export)
 
     classify = commands.add_parser(
         "classify", help="zero-shot image classification",

@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 
 from ..config import ConfigError, Siglip2Config
-from ..model.build import flat_param_shapes, nest
+from ..model.build import flat_param_shapes, flatten, nest
 from .safetensors_reader import HFCheckpoint, WeightsError
 
 
@@ -38,6 +38,16 @@ def _stack(ts):                 # q, k, v biases (out,) each -> (3, out)
 
 def _conv_as_linear(ts):        # conv OIHW -> (py, px, c, out): our patch vectors are (py, px, c)
     return ts[0].transpose(2, 3, 1, 0)
+
+
+# ...and back (export): each conversion's exact inverse, given the HF shape and number of HF tensors
+_INVERSE = {
+    _same: lambda v, shape, n: [v.reshape(shape)],
+    _linear: lambda v, shape, n: [v.reshape(shape[::-1]).T],
+    _stack_linear: lambda v, shape, n: [w.T for w in v.reshape(shape[1], n, shape[0]).transpose(1, 0, 2)],
+    _stack: lambda v, shape, n: list(v.reshape(n, *shape)),
+    _conv_as_linear: lambda v, shape, n: [v.reshape(shape[2], shape[3], shape[1], shape[0]).transpose(3, 2, 0, 1)],
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,14 +177,22 @@ def iter_hf_params(directory: str | Path, config: Siglip2Config | None = None, *
     directory = Path(directory)
     config = config if config is not None else read_hf_config(directory)
     checkpoint = HFCheckpoint(directory)
+    return config, iter_checkpoint_params(checkpoint, config, _detect_prefixes(config, set(checkpoint.keys())),
+                                          param_dtype=param_dtype, progress=progress, where=directory)
+
+
+def iter_checkpoint_params(checkpoint, config: Siglip2Config, prefixes=("vision_model.", "text_model."), *,
+                           param_dtype=np.float32, progress: bool = False, where="the checkpoint"):
+    """Iterator of (our param path, numpy array) from any object with HF tensor names (`HFCheckpoint`,
+    `big_vision.BigVisionCheckpoint`: keys, shape, dtype, read, read_into, file_of), checked first."""
     available = set(checkpoint.keys())
-    table = key_table(config, *_detect_prefixes(config, available))
+    table = key_table(config, *prefixes)
     targets = flat_param_shapes(config, param_dtype)
 
     expected = {key for rule in table for keys in hf_keys(rule) for key in keys}
     missing = sorted(expected - available)
     if missing:
-        raise WeightsError(f"{directory}: missing {missing[0]} ({len(missing)} missing keys in all): "
+        raise WeightsError(f"{where}: missing {missing[0]} ({len(missing)} missing keys in all): "
                            f"the weights do not match config.json")
     unexpected = sorted(available - expected)
     if unexpected:
@@ -203,4 +221,18 @@ def iter_hf_params(directory: str | Path, config: Siglip2Config | None = None, *
                     (out[i] if rule.layers else out)[...] = value.reshape(out.shape[1:] if rule.layers else out.shape)
             yield rule.ours, out
 
-    return config, leaves()
+    return leaves()
+
+
+# ---- our params -> HF tensors (export) -------------------------------------------------------------
+def iter_hf_tensors(config: Siglip2Config, params: dict):
+    """(HF key, numpy array in HF layout) for every tensor of a full HF checkpoint, made from our params
+    (nested or flat dict; encoder layers stacked) by running `key_table` backwards: the result is
+    bit-identical to the tensors the params were converted from. One tensor at a time, so a caller can
+    write each away; views where the layout allows."""
+    flat = flatten(params) if any(isinstance(v, dict) for v in params.values()) else params
+    for rule in key_table(config):
+        value = np.asarray(flat[rule.ours])
+        for i, keys in enumerate(hf_keys(rule)):
+            tensors = _INVERSE[rule.convert](value[i] if rule.layers else value, rule.hf_shape, len(keys))
+            yield from zip(keys, tensors)

@@ -50,11 +50,12 @@ class CheckpointWriter:
     then `finish()`. The directory appears under its name only once complete."""
 
     def __init__(self, out_dir: str | Path, config: Siglip2Config, *, source: str = "",
-                 assets_from: str | Path | None = None, overwrite: bool = False):
+                 assets_from: str | Path | None = None, overwrite: bool = False, files: dict | None = None):
+        """`files`: {name: text, or a Path to copy} written into the directory besides the copied assets."""
         self.out_dir = Path(out_dir).absolute()
         if self.out_dir.exists() and any(self.out_dir.iterdir()) and not overwrite:
             raise FileExistsError(f"{self.out_dir}: already exists and is not empty (pass overwrite to replace it)")
-        self.config, self.source, self.assets_from = config, source, assets_from
+        self.config, self.source, self.assets_from, self.files = config, source, assets_from, files or {}
         self.staging = self.out_dir.with_name(f".{self.out_dir.name}.partial-{os.getpid()}")
         shutil.rmtree(self.staging, ignore_errors=True)
         (self.staging / "params").mkdir(parents=True)
@@ -90,6 +91,11 @@ class CheckpointWriter:
             for name in ASSET_FILES:
                 if (Path(self.assets_from) / name).is_file():
                     shutil.copy2(Path(self.assets_from) / name, self.staging / name)
+        for name, content in self.files.items():
+            if isinstance(content, Path):
+                shutil.copy2(content, self.staging / name)
+            else:
+                (self.staging / name).write_text(content)
         if self.out_dir.exists():
             shutil.rmtree(self.out_dir)
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
