@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import re
+import shutil
 import subprocess
 import sys
 
@@ -46,7 +47,8 @@ def so400m(tmp_path_factory):
     run = subprocess.run([sys.executable, "-m", "siglip2_convert", str(tmp / "hf"), str(tmp / "ours"), "--quiet"],
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
-    return tmp, pixels, ids, ref, run.stdout
+    yield tmp, pixels, ids, ref, run.stdout
+    shutil.rmtree(tmp, ignore_errors=True)  # ~9 GB of weights, of no use once this module is done
 
 
 def test_so400m_conversion_peak_memory(so400m):
