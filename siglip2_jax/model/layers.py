@@ -93,15 +93,23 @@ class Attention(nnx.Module):
         self.implementation = implementation
 
     def __call__(self, x: Array, key_mask: Array | None = None, query: Array | None = None) -> Array:
-        """x: (B, S, D) tokens; key_mask: (B, S) bool, True for real tokens; query: (B, T, D) or None (self)."""
+        """x: (B, S, D) tokens; key_mask: (B, S) bool, True for real tokens; query: (B or 1, T, D), or None for
+        self-attention. Returns (B, T or S, D)."""
         c = self.dtype
         w, b = self.qkv_kernel[...].astype(c), self.qkv_bias[...].astype(c)
         x = x.astype(c)
         if query is None:
-            q, k, v = _project(x, w, b)
-        else:
-            (q,) = _project(query.astype(c), w[:, :1], b[:1])
-            k, v = _project(x, w[:, 1:], b[1:])
+            return self._attend(*_project(x, w, b), key_mask)
+        # cross-attention (the MAP head): a query shared by the batch is projected once, and each
+        # image's few rows are attended and projected in fixed blocks of images (see in_row_blocks)
+        (q,) = _project(query.astype(c), w[:, :1], b[:1])
+        q = jnp.broadcast_to(q, (x.shape[0], *q.shape[1:]))
+        k, v = _project(x, w[:, 1:], b[1:])
+        return in_row_blocks(lambda block: self._attend(*block), (q, k, v, key_mask))
+
+    def _attend(self, q, k, v, key_mask) -> Array:
+        """(B, T, H, E) q and (B, S, H, E) k, v -> (B, T, D) attention output, projected."""
+        c = self.dtype
         impl = self.implementation or ("einsum" if jax.default_backend() != "gpu" else None)
         if impl == "einsum":
             out = self._heads_major_attention(q, k, v, key_mask)
@@ -245,7 +253,26 @@ class MapHead(nnx.Module):
         self.mlp = Mlp(width, mlp_dim, approximate_gelu, rngs=rngs, **kw)
 
     def __call__(self, x: Array, key_mask: Array | None = None) -> Array:
-        query = jnp.broadcast_to(self.probe[...], (x.shape[0], *self.probe.shape))
-        h = self.attn(x, key_mask, query=query)
-        h = h + self.mlp(self.norm(h))
-        return h[:, 0]
+        h = self.attn(x, key_mask, query=self.probe[...][None])[:, 0]
+        return in_row_blocks(lambda r: r + self.mlp(self.norm(r)), h)
+
+
+# XLA:CPU chooses a matmul kernel, and with it the order of the sums, by the number of rows: the same
+# image's embedding then differed in its last bits between batches of 1, 2 and 8. Per-image rows (the
+# pooling heads) are therefore computed in blocks of a fixed row count, so an embedding is the same
+# whatever batch it came in (what the server promises); padding rows cost < 1% of a tower.
+ROWS_PER_BLOCK = 8
+
+
+def in_row_blocks(fn, rows):
+    """fn applied to blocks of ROWS_PER_BLOCK rows of `rows` (an array or a tuple of arrays, each (B, ...),
+    None allowed) -> (B, ...); fn must treat each row on its own. Padding rows are zeros."""
+    count = jax.tree.leaves(rows)[0].shape[0]
+    blocks = -(-count // ROWS_PER_BLOCK)
+
+    def split(x):
+        x = jnp.pad(x, [(0, blocks * ROWS_PER_BLOCK - count)] + [(0, 0)] * (x.ndim - 1))
+        return x.reshape(blocks, ROWS_PER_BLOCK, *x.shape[1:])
+
+    out = jax.lax.map(fn, jax.tree.map(split, rows))
+    return out.reshape(blocks * ROWS_PER_BLOCK, *out.shape[2:])[:count]

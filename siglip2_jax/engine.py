@@ -1,0 +1,129 @@
+"""The batching engine: how a batch of ready inputs reaches the compiled towers and comes back.
+
+One component owns the decisions every caller used to make for itself:
+- **buckets**: a batch of n rows runs at the smallest compiled size that holds it, a power of two (times
+  the mesh's data-parallel size), so a process compiles log2(max batch) shapes per kind and no more;
+- **padding**: the rows past n are zeros (NaFlex: a 1x1 grid with one valid patch, never an empty grid);
+- **placement**: rows are split over the mesh's "data" axis;
+- **CPU micro-batching**: on CPU a batch runs as calls of at most `CPU_TOKENS_PER_CALL` tokens per device;
+- **asynchronous dispatch with a bound**: `map` keeps at most `max_in_flight` batches on the device, so
+  the next batch is prepared while one computes and host memory stays flat however long the input is.
+
+It is told the input kind ("image", "image_tokens" or "text") and never guesses it. Users: the pipeline's
+user API (`Siglip2Pipeline`), `embed`, and the HTTP server's dynamic batcher.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Callable, Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .sharding import batch_sharding
+
+# Past ~2048 tokens per call every XLA:CPU matmul slows down (activations fall out of the cache).
+# Measured with `python bench/speed.py` on the 2-core x86-64 machine of the README's table.
+CPU_TOKENS_PER_CALL = 2048
+KINDS = ("image", "image_tokens", "text")
+
+
+class Pending:
+    """A dispatched batch: `result()` waits for it and returns its first n rows as a numpy array."""
+
+    def __init__(self, outputs: list[jax.Array], n: int):
+        self.outputs, self.n = outputs, n
+
+    @property
+    def device_array(self) -> jax.Array:
+        """The padded result on the device (rows past n are padding), not waited for."""
+        return self.outputs[0] if len(self.outputs) == 1 else jnp.concatenate(self.outputs)
+
+    def result(self) -> np.ndarray:
+        return np.concatenate([np.asarray(out) for out in self.outputs])[: self.n]
+
+
+class BatchEngine:
+    """Runs batches of preprocessed inputs through jitted tower functions.
+
+    fns: {kind: fn(state, inputs) -> (rows, ...) array}; `state` is passed to every call.
+    tokens_per_row: {kind: sequence length of one row} (for CPU micro-batching).
+    mesh: a `jax.sharding.Mesh` with a "data" axis, or None for one device.
+    """
+
+    def __init__(self, fns: dict[str, Callable], state, tokens_per_row: dict[str, int], mesh=None):
+        self.fns, self.state, self.tokens_per_row, self.mesh = fns, state, tokens_per_row, mesh
+
+    @property
+    def data_parallel(self) -> int:
+        return self.mesh.shape["data"] if self.mesh is not None else 1
+
+    def bucket(self, n: int) -> int:
+        """The compiled batch size that holds n rows: a power of two per data shard."""
+        per_shard = -(-n // self.data_parallel)
+        return self.data_parallel * (1 << max(per_shard - 1, 0).bit_length())
+
+    def buckets(self, max_rows: int) -> list[int]:
+        """Every batch size a caller that sends at most `max_rows` rows can reach (what to compile ahead)."""
+        sizes, n = [], 1
+        while True:
+            sizes.append(self.bucket(n))
+            if sizes[-1] >= max_rows:
+                return sorted(set(sizes))
+            n = sizes[-1] + 1
+
+    def rows_per_call(self, kind: str) -> int:
+        """Rows one compiled call takes: the whole bucket on accelerators; on CPU at most
+        CPU_TOKENS_PER_CALL tokens per device, rounded down to a power of two."""
+        if jax.default_backend() != "cpu":
+            return 1 << 62
+        per_device = max(1, CPU_TOKENS_PER_CALL // self.tokens_per_row[kind])
+        return self.data_parallel * (1 << (per_device.bit_length() - 1))
+
+    def dispatch(self, kind: str, inputs, n: int | None = None) -> Pending:
+        """Pad `inputs` (an array or a NaFlex dict, n rows) to its bucket, place it, run it; not waited for."""
+        if kind not in KINDS:
+            raise ValueError(f"unknown input kind {kind!r}: expected one of {KINDS}")
+        n = len(jax.tree.leaves(inputs)[0]) if n is None else n
+        size = self.bucket(n)
+        padded = jax.tree.map(lambda x: _pad_rows(np.asarray(x), size), inputs)
+        if isinstance(padded, dict):  # NaFlex padding images: a 1x1 grid with one valid patch, never 0x0
+            padded["spatial_shapes"][n:] = 1
+            padded["mask"][n:, 0] = 1
+        rows = min(size, self.rows_per_call(kind))
+        fn = self.fns[kind]
+        return Pending([fn(self.state, self._place(jax.tree.map(lambda x: x[s:s + rows], padded)))
+                        for s in range(0, size, rows)], n)
+
+    def run(self, kind: str, inputs, n: int | None = None) -> np.ndarray:
+        """`dispatch` and wait: (n, ...) numpy array."""
+        return self.dispatch(kind, inputs, n).result()
+
+    def map(self, kind: str, chunks: Iterable, max_in_flight: int = 2) -> np.ndarray:
+        """Run an iterable of prepared batches (each one `dispatch`able) and concatenate the results.
+
+        At most `max_in_flight` batches are dispatched and not yet read back, so the iterable (which may
+        decode and preprocess lazily) runs ahead of the device by that many batches and no more."""
+        pending: collections.deque[Pending] = collections.deque()
+        results = []
+        for inputs in chunks:
+            if len(pending) >= max_in_flight:
+                results.append(pending.popleft().result())
+            pending.append(self.dispatch(kind, inputs))
+        results.extend(p.result() for p in pending)
+        if not results:
+            raise ValueError("nothing to encode: the input is empty")
+        return np.concatenate(results)
+
+    def _place(self, batch):
+        if self.mesh is None:
+            return jax.tree.map(jnp.asarray, batch)
+        return jax.tree.map(lambda x: jax.device_put(x, batch_sharding(self.mesh, x.ndim)), batch)
+
+
+def _pad_rows(x: np.ndarray, size: int) -> np.ndarray:
+    if len(x) == size:
+        return x
+    return np.concatenate([x, np.zeros((size - len(x), *x.shape[1:]), x.dtype)])

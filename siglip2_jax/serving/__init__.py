@@ -1,0 +1,7 @@
+"""`siglip2-jax serve`: an OpenAI-compatible HTTP server for embeddings, zero-shot classification and ranking.
+
+    command.py  the command line (flags, --help) and start-up
+    app.py      the FastAPI app: routes, API key, body limit, errors in OpenAI's shape, metrics
+    inputs.py   request parsing: texts, image content parts, data URLs, guarded URL fetches
+    batcher.py  dynamic batching: concurrent requests merged into the engine's compiled buckets
+"""
