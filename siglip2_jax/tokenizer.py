@@ -9,10 +9,13 @@ This is what big_vision trained with, and what transformers' `Siglip2Tokenizer` 
 for `padding="max_length", max_length=64, truncation=True`. Both keep EOS when truncating ("sticky EOS"):
 transformers truncates the text to 63 tokens before its post-processor appends EOS.
 
-The vocabulary comes from either file a checkpoint may ship, and both give the same ids:
-- `tokenizer.model`, a SentencePiece model, read with the `sentencepiece` library;
-- `tokenizer.json`, a Hugging Face tokenizer file.
-Either way the text is encoded the way transformers' GemmaTokenizer encodes it: a `tokenizers` BPE model
+The vocabulary comes from either file a checkpoint may ship:
+- `tokenizer.json`, a Hugging Face tokenizer file, with the added tokens that `tokenizer_config.json`
+  lists beside it (`added_tokens_decoder`, the named special tokens, `extra_special_tokens`);
+- `tokenizer.model`, a SentencePiece model, read with the `sentencepiece` library.
+A directory with both is read as transformers reads it: `tokenizer.json` wins. The two files can disagree
+(a `tokenizer.json` converted the way older transformers converted Gemma splits tag-like pieces such as
+"<table>" that the SentencePiece model keeps whole), and the ids then follow transformers. Either way the text is encoded the way transformers' GemmaTokenizer encodes it: a `tokenizers` BPE model
 (byte fallback) over the text with spaces replaced by "▁" (no dummy prefix, no other normalization).
 transformers does not run SentencePiece's own encoder, and the two can disagree (on whitespace runs
 longer than the longest whitespace piece, for one), so neither do we.
@@ -24,6 +27,7 @@ spells control pieces such as "<eos>" out in characters).
 
 from __future__ import annotations
 
+import json
 import string
 from pathlib import Path
 from typing import Sequence
@@ -33,7 +37,7 @@ import tokenizers
 from tokenizers import AddedToken, normalizers
 
 TEXT_LENGTH = 64  # SigLIP 2 text towers have 64 positions.
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")  # in order of preference
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")  # in order of preference, as in transformers
 LOWERCASE_MODES = ("unicode", "python", "ascii", "none")
 
 GEMMA_SPECIAL_TOKENS = ("<pad>", "<eos>", "<bos>", "<unk>", "<mask>")  # transformers always adds these
@@ -65,7 +69,10 @@ class Tokenizer:
         pad_id: int = 0,
         source: str = "<memory>",
         lowercase: str = "unicode",
+        added_tokens: Sequence[AddedToken] = (),
     ):
+        """`added_tokens`: more added tokens (a tokenizer_config.json's), each added unless the backend
+        already has an added token with that text."""
         if lowercase not in LOWERCASE_MODES:
             raise ValueError(f"lowercase={lowercase!r}: expected one of {', '.join(LOWERCASE_MODES)}")
         # Rebuild the pipeline around the vocabulary as transformers' Gemma/Siglip2 tokenizers do,
@@ -81,6 +88,11 @@ class Tokenizer:
         # transformers finds its named special tokens in the text ("<eos>" typed in a text is EOS).
         named = [t for t in GEMMA_SPECIAL_TOKENS if backend.token_to_id(t) is not None]
         backend.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in named])
+        present = {token.content for token in backend.get_added_tokens_decoder().values()}
+        for token in added_tokens:
+            if token.content not in present:
+                (backend.add_special_tokens if token.special else backend.add_tokens)([token])
+                present.add(token.content)
         backend.encode_special_tokens = False
         self._backend = backend
         self.lowercase = lowercase
@@ -94,16 +106,18 @@ class Tokenizer:
 
     @classmethod
     def from_dir(cls, directory: str | Path, *, lowercase: str = "unicode") -> Tokenizer:
-        """Loads `tokenizer.model` from `directory`, or `tokenizer.json` when there is no `.model`."""
+        """Loads `directory`'s tokenizer as transformers does: `tokenizer.json` (plus the added tokens of
+        `tokenizer_config.json`) if there is one, else `tokenizer.model`."""
         directory = Path(directory)
         for name in TOKENIZER_FILES:
             if (directory / name).is_file():
-                return cls.from_file(directory / name, lowercase=lowercase)
+                added = _config_added_tokens(directory / "tokenizer_config.json") if name.endswith(".json") else ()
+                return cls.from_file(directory / name, lowercase=lowercase, added_tokens=added)
         reason = "no tokenizer found" if directory.is_dir() else "no such directory"
         raise FileNotFoundError(f"{directory}: {reason} (looked for {' and '.join(TOKENIZER_FILES)})")
 
     @classmethod
-    def from_file(cls, path: str | Path, *, lowercase: str = "unicode") -> Tokenizer:
+    def from_file(cls, path: str | Path, *, lowercase: str = "unicode", added_tokens: Sequence[AddedToken] = ()) -> Tokenizer:
         """Loads a SentencePiece model (`.model`) or a Hugging Face tokenizer file (`.json`)."""
         path = Path(path)
         if not path.is_file():
@@ -113,7 +127,8 @@ class Tokenizer:
             raise ValueError(f"{path}: not a tokenizer (empty file)")
         load = _read_tokenizers_json if path.suffix == ".json" else _read_sentencepiece
         backend, eos_id, pad_id = load(path, data)
-        return cls(backend, eos_id=eos_id, pad_id=pad_id, source=str(path), lowercase=lowercase)
+        return cls(backend, eos_id=eos_id, pad_id=pad_id, source=str(path), lowercase=lowercase,
+                   added_tokens=added_tokens)
 
     # ---------------------------------------------------------------------------------------- encoding
 
@@ -206,6 +221,36 @@ def _read_tokenizers_json(path: Path, data: bytes) -> tuple[tokenizers.Tokenizer
         raise ValueError(f"{path}: the tokenizer has no <eos> token (not a Gemma vocabulary)")
     pad_id = backend.token_to_id("<pad>")
     return backend, eos_id, 0 if pad_id is None else pad_id
+
+
+def _config_added_tokens(path: Path) -> list[AddedToken]:
+    """The added tokens transformers takes from a tokenizer_config.json beside a tokenizer.json: the
+    `added_tokens_decoder` entries (in id order, with their flags), then the named special tokens and the
+    `extra_special_tokens` (formerly `additional_special_tokens`) as special, unnormalized tokens."""
+    if not path.is_file():
+        return []
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{path}: not a JSON file ({_first_line(error)})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: not a JSON object")
+    tokens = []
+    decoder = config.get("added_tokens_decoder") or {}
+    for _, entry in sorted(decoder.items(), key=lambda item: int(item[0])):
+        if isinstance(entry, dict) and isinstance(entry.get("content"), str):
+            special = bool(entry.get("special", False))
+            tokens.append(AddedToken(entry["content"], single_word=bool(entry.get("single_word", False)),
+                                     lstrip=bool(entry.get("lstrip", False)), rstrip=bool(entry.get("rstrip", False)),
+                                     normalized=bool(entry.get("normalized", not special)), special=special))
+    extra = config.get("extra_special_tokens") or config.get("additional_special_tokens") or []
+    extra = list(extra.values()) if isinstance(extra, dict) else list(extra)
+    named = [config.get(f"{name}_token") for name in ("bos", "eos", "unk", "sep", "pad", "cls", "mask")]
+    for token in named + extra:
+        content = token.get("content") if isinstance(token, dict) else token
+        if isinstance(content, str):
+            tokens.append(AddedToken(content, normalized=False, special=True))
+    return tokens
 
 
 def _as_list(texts: str | Sequence[str]) -> list[str]:

@@ -189,10 +189,12 @@ def test_real_gemma_vocabulary(tmp_path):
 # ---------------------------------------------------------------------------------------------- errors
 
 
-def test_from_dir_prefers_model_and_falls_back_to_json(vocab_dirs, tmp_path):
+def test_from_dir_prefers_json_as_transformers_does_and_falls_back_to_model(vocab_dirs, tmp_path):
     shutil.copy(vocab_dirs["model"] / "tokenizer.model", tmp_path / "tokenizer.model")
-    (tmp_path / "tokenizer.json").write_text("not json")  # never read: the .model wins
     assert Tokenizer.from_dir(tmp_path).source.endswith("tokenizer.model")
+    (tmp_path / "tokenizer.json").write_text("not json")  # read first, as transformers reads it
+    with pytest.raises(ValueError, match="tokenizer.json"):
+        Tokenizer.from_dir(tmp_path)
     assert Tokenizer.from_dir(vocab_dirs["gemma_json"]).source.endswith("tokenizer.json")
 
 
@@ -239,3 +241,93 @@ def test_bad_arguments(vocab_dirs):
         tokenizer.encode("x", max_length=0)
     with pytest.raises(TypeError, match="texts\\[1\\]"):
         tokenizer.encode(["ok", b"bytes"])
+
+
+# ------------------------------------------------------------------------------ tokenizer.json and .model
+
+OLD_STYLE_DROPPED = ("<table>", "</table>", "<unused2>", "\n\n\n", "▁▁▁▁")  # kept whole by the .model only
+
+
+def _hub_dir_whose_files_disagree(vocab_dirs, root: Path, config_tokens: dict | None = None) -> Path:
+    """tokenizer.model + tokenizer.json + tokenizer_config.json, where the json lacks some of the model's
+    user-defined pieces as added tokens (as a Gemma tokenizer.json converted by older transformers does),
+    and `config_tokens` (an added_tokens_decoder) may add some back."""
+    import json
+
+    directory = root / "both"
+    shutil.copytree(vocab_dirs["gemma_json"], directory)
+    shutil.copy(vocab_dirs["model"] / "tokenizer.model", directory)
+    data = json.loads((directory / "tokenizer.json").read_text())
+    data["added_tokens"] = [t for t in data["added_tokens"] if t["content"] not in OLD_STYLE_DROPPED]
+    (directory / "tokenizer.json").write_text(json.dumps(data))
+    config = json.loads((directory / "tokenizer_config.json").read_text())
+    config["extra_special_tokens"] = [t for t in config["extra_special_tokens"] if t not in OLD_STYLE_DROPPED]
+    config.pop("vocab_file", None)
+    if config_tokens:
+        config["added_tokens_decoder"] = config_tokens
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    return directory
+
+
+DISAGREE = [s for s in STRINGS if any(t in s.lower() for t in OLD_STYLE_DROPPED + ("<unused", "\n\n", "  "))]
+
+
+def test_directory_with_both_files_gives_transformers_ids(vocab_dirs, tmp_path):
+    directory = _hub_dir_whose_files_disagree(vocab_dirs, tmp_path)
+    texts = DISAGREE + ["<table> <TABLE> a\n\n\nb <unused2>x", "a    b\t\tc", "\n" * 40]
+    ours = Tokenizer.from_dir(directory)
+    assert ours.source.endswith("tokenizer.json")
+    _assert_same_rows(ours.encode(texts), _hf_ids(transformers.Siglip2Tokenizer.from_pretrained(directory, **HF_BUILD), texts), texts)
+    auto = transformers.AutoTokenizer.from_pretrained(directory, **HF_BUILD)  # a plain Gemma tokenizer here
+    python_lower = Tokenizer.from_dir(directory, lowercase="python").encode(texts)
+    _assert_same_rows(python_lower, _hf_ids(auto, [t.lower() for t in texts]), texts)
+    # the two files do disagree here: the .model alone gives other ids for many of these texts
+    model_only = Tokenizer.from_dir(vocab_dirs["model"]).encode(texts)
+    assert (model_only != ours.encode(texts)).any(axis=1).sum() >= 20
+
+
+def test_added_tokens_of_tokenizer_config_are_added(vocab_dirs, tmp_path):
+    decoder = {"27": {"content": "<table>", "special": False, "normalized": True, "lstrip": False, "rstrip": False,
+                      "single_word": False},
+               "4100": {"content": "<new_tag>", "special": True, "normalized": False, "lstrip": False,
+                        "rstrip": False, "single_word": False}}
+    directory = _hub_dir_whose_files_disagree(vocab_dirs, tmp_path, decoder)
+    texts = ["a <table> b <TABLE> c </table> <new_tag>", "<NEW_TAG><table>"] + DISAGREE[:200]
+    ours = Tokenizer.from_dir(directory).encode(texts)
+    _assert_same_rows(ours, _hf_ids(transformers.Siglip2Tokenizer.from_pretrained(directory, **HF_BUILD), texts), texts)
+    table = Tokenizer.from_dir(vocab_dirs["model"]).encode(["<table>"])[0, 0]
+    assert (ours[0] == table).sum() == 2  # "<table>" and "<TABLE>" whole again (a normalized added token)
+
+
+@pytest.mark.slow
+def test_real_vocabulary_directory_with_both_files(tmp_path):
+    """The real vocabulary, its tokenizer.json stripped of tag, whitespace and unused added tokens (as an
+    older conversion left it), beside the tokenizer.model: ours follow transformers, i.e. the json."""
+    import json
+
+    path = Path(os.environ.get("SIGLIP2_TOKENIZER", REAL_VOCAB))
+    if not path.is_file():
+        pytest.skip(f"real Gemma tokenizer.model not found at {path} (set $SIGLIP2_TOKENIZER to run this)")
+    transformers.GemmaTokenizer.from_pretrained(_dir_with(path, tmp_path / "model"), **HF_BUILD).save_pretrained(tmp_path / "both")
+    shutil.copy(path, tmp_path / "both" / "tokenizer.model")
+    dropped = lambda t: t.startswith(("<unused", "<table", "</table", "<t")) or not t.strip("\n\t ▁")  # noqa: E731
+    data = json.loads((tmp_path / "both" / "tokenizer.json").read_text())
+    data["added_tokens"] = [t for t in data["added_tokens"] if not dropped(t["content"])]
+    (tmp_path / "both" / "tokenizer.json").write_text(json.dumps(data))
+    config = json.loads((tmp_path / "both" / "tokenizer_config.json").read_text())
+    config["extra_special_tokens"] = [t for t in config.get("extra_special_tokens", []) if not dropped(t)]
+    config.pop("vocab_file", None)
+    (tmp_path / "both" / "tokenizer_config.json").write_text(json.dumps(config))
+    texts = ["<table><tr><td>1</td></tr></table>", "<unused5> and <unused99>", "\n" * 40 + "x", "a\t\tb\t\t\tc",
+             "line\n\n\nline", "A    B", "<start_of_turn>user"] + STRINGS[:300]
+    hf = transformers.Siglip2Tokenizer.from_pretrained(tmp_path / "both", **HF_BUILD)
+    ours = Tokenizer.from_dir(tmp_path / "both").encode(texts)
+    _assert_same_rows(ours, _hf_ids(hf, texts), texts)
+    model_only = Tokenizer.from_dir(tmp_path / "model").encode(texts[:7])
+    assert (model_only != ours[:7]).any(axis=1).sum() >= 3  # the files disagree on these
+
+
+def _dir_with(model: Path, directory: Path) -> Path:
+    directory.mkdir()
+    shutil.copy(model, directory / "tokenizer.model")
+    return directory
