@@ -1,9 +1,13 @@
-"""The `siglip2-jax classify` command on odd-but-valid and broken images, bad arguments, --json, --help."""
+"""The `siglip2-jax` command: classify on odd-but-valid and broken images, bad arguments of every command
+(checked before any model loads), --json, --top, the label forms, --help (fast: no jax), --version."""
 
 from __future__ import annotations
 
 import io
 import json
+import subprocess
+import sys
+from importlib import metadata
 
 import numpy as np
 import pytest
@@ -81,12 +85,79 @@ def test_table_output(fixres, odd_images):
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["--labels", ""], "--labels"),
+    (["--labels", ""], "--labels: label 1 is empty"),
+    (["--labels", "cat", ""], "--labels: label 2 is empty"),
     (["--labels", "cat", "--template", "no placeholder"], "--template"),
+    (["--labels", "cat", "--template", "a {} and a {}"], "found: {}, {}"),
+    (["--labels", "cat", "--template", "a {} of {kind}"], "found: {}, {kind}"),
+    (["--labels", "cat", "--template", "a {0}"], "found: {0}"),
+    (["--labels", "cat", "--template", "a {} {"], "Single '{'"),
+    (["--labels", "cat", "dog", "cat", "--json"], "'cat' is given twice"),
+    (["--labels", "cat", "--label", "cat"], "'cat' is given twice"),
+    (["--labels", "cat", "--max-num-patches", "0"], "--max-num-patches: 0: must be at least 1"),
+    (["--labels", "cat", "--max-num-patches", "-5"], "--max-num-patches: -5: must be at least 1"),
+    (["--labels", "cat", "--max-num-patches", "many"], "--max-num-patches: 'many' is not a whole number"),
+    (["--labels", "cat", "--top", "0"], "--top: 0: must be at least 1"),
+    (["--labels", "cat", "dog", "other.jpg"], "'other.jpg' looks like an image file"),  # swallowed by --labels
 ])
-def test_bad_arguments_one_line_exit_2(fixres, odd_images, args, needle):
-    run = cli("classify", fixres[1], odd_images[0], *args)
+def test_bad_arguments_one_line_exit_2_before_the_model_loads(tmp_path, odd_images, args, needle):
+    # the model does not exist: an argument checked only after loading would be reported as a model error
+    run = cli("classify", "--model", tmp_path / "no-model", odd_images[0], *args)
     assert run.returncode == 2 and needle in run.stderr and len(run.stderr.strip().splitlines()) == 1, run
+    assert "no-model" not in run.stderr and "Traceback" not in run.stderr
+
+
+def test_images_after_labels_are_never_taken_as_labels(tmp_path, odd_images):
+    run = cli("classify", "--model", tmp_path / "no-model", "--labels", "cat", "dog", odd_images[0])
+    assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1, run
+    assert f"{str(odd_images[0])!r} looks like an image file" in run.stderr
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["embed", "M", "IN", "OUT", "--batch-size", "0"], "--batch-size: 0"),
+    (["embed", "M", "IN", "OUT", "--part-size", "-1"], "--part-size: -1"),
+    (["embed", "M", "IN", "OUT", "--max-num-patches", "0"], "--max-num-patches: 0"),
+    (["embed", "M", "IN", "OUT", "--model-parallel", "0"], "--model-parallel: 0"),
+    (["embed", "M", "IN", "OUT", "--workers", "-1"], "--workers: -1"),
+    (["embed", "M", "IN", "OUT", "--num-processes", "0"], "--num-processes: 0"),
+    (["embed", "M", "IN", "OUT", "--process-id", "-1"], "--process-id: -1"),
+    (["search", "OUT", "query", "--top-k", "0"], "--top-k: 0"),
+    (["search", "OUT", "query", "--chunk-rows", "-5"], "--chunk-rows: -5"),
+    (["finetune", "--model", "M", "--data", "D", "--out", "O", "--max-num-patches", "0"], "--max-num-patches 0"),
+    (["finetune", "--model", "M", "--data", "D", "--out", "O", "--workers", "-2"], "--workers -2"),
+])
+def test_counts_of_every_command_must_be_positive(tmp_path, args, needle):
+    run = cli(*args, cwd=tmp_path)
+    assert run.returncode == 2 and needle in run.stderr and len(run.stderr.strip().splitlines()) == 1, run
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_json_honours_top(fixres, odd_images, capsys):
+    import siglip2_jax
+    from siglip2_jax.cli import main
+    from siglip2_jax.images import load_image
+
+    labels = ["cat", "dog", "a red square"]
+    expected = siglip2_jax.load(fixres[1]).zero_shot([load_image(odd_images[0])], labels)[0]
+    best = [labels[i] for i in np.argsort(-expected, kind="stable")[:2]]
+    assert main(["classify", str(fixres[1]), str(odd_images[0]), "--labels", *labels, "--json", "--top", "2"]) == 0
+    top = json.loads(capsys.readouterr().out)[0]["probabilities"]
+    assert list(top) == best  # the best two, best first
+    np.testing.assert_allclose([top[k] for k in best], [expected[labels.index(k)] for k in best], rtol=1e-6)
+
+
+@pytest.mark.parametrize("argv", [
+    ["IMG", "--labels", "cat", "a red car"],
+    ["IMG", "--label", "cat", "--label", "a red car"],
+    ["--label", "cat", "--label", "a red car", "IMG"],      # --label never takes the image
+    ["--labels", "cat", "a red car", "--", "IMG"],           # -- ends the labels
+    ["IMG", "--labels", "cat", "--label", "a red car"],
+])
+def test_label_forms(argv):
+    from siglip2_jax.cli import build_parser
+
+    args = build_parser().parse_args(["classify", *argv])
+    assert args.labels == ["cat", "a red car"] and args.inputs == ["IMG"]
 
 
 def test_unknown_model_one_line_exit_2(tmp_path, odd_images):
@@ -95,6 +166,7 @@ def test_unknown_model_one_line_exit_2(tmp_path, odd_images):
     offline = cli("classify", odd_images[0], "--labels", "cat")  # the default hub model, offline
     assert offline.returncode == 2 and "google/siglip2-base-patch16-224" in offline.stderr
     assert "local directory" in offline.stderr and "Traceback" not in offline.stderr
+    assert "`hf download google/siglip2-base-patch16-224 --local-dir" in offline.stderr  # huggingface-cli is gone
 
 
 def test_help_teaches():
@@ -102,6 +174,45 @@ def test_help_teaches():
         run = cli(*args, "--help")
         assert run.returncode == 0 and "MODEL" in run.stdout
     assert "exit status" in cli("classify", "--help").stdout
+
+
+HEAVY = ("jax", "jaxlib", "flax", "grain", "orbax", "optax", "torch", "transformers", "tensorflow")
+
+HELP_PROBE = """
+import contextlib, io, json, sys, time
+start = time.perf_counter()
+from siglip2_jax.cli import build_parser
+parser = build_parser()
+commands = list(parser._subparsers._group_actions[0].choices)
+for args in [["--help"]] + [[name, "--help"] for name in commands]:
+    with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.suppress(SystemExit):
+        parser.parse_args(args)
+    assert "usage:" in out.getvalue(), args
+heavy = sorted({m.split(".")[0] for m in sys.modules} & set(sys.argv[1:]))
+print(json.dumps({"commands": commands, "heavy": heavy, "seconds": time.perf_counter() - start}))
+"""
+
+
+def test_help_of_every_command_imports_no_jax():
+    # `siglip2-jax --help` used to import jax, flax, grain and orbax (~5 s); the heavy modules belong in `run`
+    run = subprocess.run([sys.executable, "-c", HELP_PROBE, *HEAVY], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    probe = json.loads(run.stdout)
+    print(f"--help of {len(probe['commands'])} commands: {probe['seconds']:.2f} s")
+    assert {"convert", "classify", "embed", "search", "finetune"} <= set(probe["commands"])
+    assert probe["heavy"] == [], f"building the parser imported {probe['heavy']}"
+
+
+def test_version_everywhere():
+    import siglip2_jax
+
+    version = metadata.version("siglip2-jax")  # what pip installed, from pyproject.toml
+    assert siglip2_jax.__version__ == version
+    for command in (["-m", "siglip2_jax.cli"], ["-m", "siglip2_jax"]):
+        run = subprocess.run([sys.executable, *command, "--version"], capture_output=True, text=True)
+        assert run.returncode == 0 and run.stdout.strip() == f"siglip2-jax {version}", run
+    run = subprocess.run([sys.executable, "-m", "siglip2_jax", "classify", "--help"], capture_output=True, text=True)
+    assert run.returncode == 0 and "--labels" in run.stdout
 
 
 def test_classify_naflex_model_with_budget(tmp_path, tokenizer_model, odd_images):

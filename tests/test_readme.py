@@ -4,7 +4,8 @@ Each block runs in a fresh namespace, in its own copy of a folder laid out like 
 (`samples/`, `README.md`) plus the files the README's examples name (`ckpt/b16-224`, `photos/`,
 `pets/captions.jsonl`). The one change made to a block is the model path: the hub id becomes the small
 random checkpoint of `conftest.fixres` (no test may download). Marks on the line before a fence:
-- `<!-- readme-test: serve -->`: the block needs a live server; the server tests run it, this file skips it.
+- `<!-- readme-test: serve -->`: the block needs a live server; the server tests run it, this file skips it
+  (and the blocks that continue it).
 - `<!-- readme-test: continue -->`: the block continues the one before it in the same section (the README
   says so in its text): it runs after it, in the same namespace and folder.
 """
@@ -53,19 +54,22 @@ def python_blocks(text: str) -> list[Block]:
 
 
 def runs(blocks: list[Block]) -> list[list[Block]]:
-    """The blocks this file runs, as runs of a block and the blocks that continue it; serve blocks left out."""
+    """The blocks as runs: a block and the blocks that continue it (a run starting with a serve block is
+    the server tests' to run)."""
     grouped = []
     for block in blocks:
-        if block.mark == SERVE_MARK:
-            continue
         if block.mark == CONTINUE_MARK:
             assert grouped and grouped[-1][-1].section == block.section, \
                 f"README.md:{block.line}: {CONTINUE_MARK} without a block before it in its section"
             grouped[-1].append(block)
         else:
-            assert not block.mark, f"README.md:{block.line}: unknown mark {block.mark}"
+            assert block.mark in ("", SERVE_MARK), f"README.md:{block.line}: unknown mark {block.mark}"
             grouped.append([block])
     return grouped
+
+
+def needs_server(run: list[Block]) -> bool:
+    return run[0].mark == SERVE_MARK
 
 
 RUNS = runs(python_blocks((ROOT / "README.md").read_text()))
@@ -78,8 +82,9 @@ def test_blocks_are_found_and_only_serve_blocks_skipped():
     assert [(b.section, b.line, b.code, b.mark) for b in blocks] == [
         ("A", 2, "x = 1\n", ""), ("A", 7, "serve()\n", SERVE_MARK), ("A", 11, "x += 1\n", CONTINUE_MARK),
         ("B", 16, "y = 2\n", "")]
-    assert [[b.line for b in run] for run in runs(blocks)] == [[2, 11], [16]]
-    assert sum(map(len, RUNS)) >= 6  # the README has not lost its examples
+    assert [([b.line for b in run], needs_server(run)) for run in runs(blocks)] == [
+        ([2], False), ([7, 11], True), ([16], False)]
+    assert sum(len(run) for run in RUNS if not needs_server(run)) >= 6  # the README has not lost its examples
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +109,11 @@ def layout(fixres, tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("run", RUNS, ids=lambda run: "README.md:" + "+".join(str(b.line) for b in run))
+SERVER_ONLY = pytest.mark.skip(reason="needs a live server: the server tests run it")
+
+
+@pytest.mark.parametrize("run", [pytest.param(run, marks=[SERVER_ONLY] if needs_server(run) else []) for run in RUNS],
+                         ids=lambda run: "README.md:" + "+".join(str(b.line) for b in run))
 def test_readme_python_blocks_run(run, layout, fixres, tmp_path, monkeypatch):
     work = tmp_path / "work"
     shutil.copytree(layout, work, symlinks=True)
