@@ -67,6 +67,8 @@ def _import_open_clip():
 
 def build(config, npz: str):
     """open_clip's CustomTextCLIP with `config`'s dimensions, weights from `npz` by open_clip's loader."""
+    import torch
+
     open_clip, timm, load_big_vision_weights = _import_open_clip()
     v, t = config.vision, config.text
     if v.naflex:
@@ -83,14 +85,25 @@ def build(config, npz: str):
     # trunk is built and replaced by a timm ViT of this config's size (the SigLIP layout: no class
     # token, MAP pooling, no projection)
     vision_cfg = dict(image_size=v.image_size, timm_model_name="vit_tiny_patch16_224", timm_pool="map", timm_proj="none")
-    model = open_clip.CustomTextCLIP(embed_dim=t.projection_size, vision_cfg=vision_cfg, text_cfg=text_cfg,
-                                     init_logit_bias=-10.0)
-    # big_vision's ViT uses the tanh GELU; timm's So400m/B SigLIP entries default to the erf one
-    model.visual.trunk = timm.models.vision_transformer.VisionTransformer(
-        img_size=v.image_size, patch_size=v.patch_size, embed_dim=v.width, depth=v.depth, num_heads=v.num_heads,
-        mlp_ratio=ratio(v.mlp_dim, v.width), class_token=False, global_pool="map", num_classes=0,
-        act_layer="gelu_tanh" if v.approximate_gelu else "gelu")
+    # built without initialising (every weight comes from the file; filled with NaN first, so one that
+    # the loader missed shows up): a full-size random init would take longer than the comparison
+    with torch.device("meta"):
+        model = open_clip.CustomTextCLIP(embed_dim=t.projection_size, vision_cfg=vision_cfg, text_cfg=text_cfg,
+                                         init_logit_bias=-10.0)
+        # big_vision's ViT uses the tanh GELU; timm's So400m/B SigLIP entries default to the erf one
+        model.visual.trunk = timm.models.vision_transformer.VisionTransformer(
+            img_size=v.image_size, patch_size=v.patch_size, embed_dim=v.width, depth=v.depth, num_heads=v.num_heads,
+            mlp_ratio=ratio(v.mlp_dim, v.width), class_token=False, global_pool="map", num_classes=0,
+            act_layer="gelu_tanh" if v.approximate_gelu else "gelu")
+    model = model.to_empty(device="cpu")
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            if tensor.is_floating_point():
+                tensor.fill_(float("nan"))
     load_big_vision_weights(model, npz)
+    unloaded = [n for n, p in [*model.named_parameters(), *model.named_buffers()] if p.is_floating_point() and p.isnan().any()]
+    if unloaded:
+        raise RuntimeError(f"open_clip's loader left {unloaded[:3]} unset")
     return model.eval()
 
 

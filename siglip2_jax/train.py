@@ -278,7 +278,7 @@ class FinetuneResult:
     exported: Path               # the inference checkpoint (siglip2_jax.load reads it)
 
 
-RUN_CONTROL = {"save_every", "keep", "eval_every", "workers"}  # may change when a run is resumed; nothing else may
+RUN_CONTROL = {"save_every", "keep", "eval_every", "workers", "export_hf"}  # may change when a run is resumed; nothing else may
 
 
 def finetune(cfg: TrainConfig, *, on_step=None, progress: bool = True) -> FinetuneResult:
@@ -288,7 +288,7 @@ def finetune(cfg: TrainConfig, *, on_step=None, progress: bool = True) -> Finetu
     from tqdm.auto import tqdm
 
     from .pipeline import load
-    from .checkpoint import save_checkpoint
+    from .checkpoint import export_hf, save_checkpoint
     from .train_data import PairTransform, pair_loader, read_pairs, split_holdout
 
     cfg.validate()
@@ -384,6 +384,8 @@ def finetune(cfg: TrainConfig, *, on_step=None, progress: bool = True) -> Finetu
     if is_main:
         save_checkpoint(exported, config, jax.device_get(trainer.params()), source=str(cfg.model),
                         assets_from=assets_dir, overwrite=True)
+        if cfg.export_hf:
+            export_hf(exported, out / "model-hf", overwrite=True)
     return FinetuneResult(trainer, history, evals, exported)
 
 
@@ -433,7 +435,8 @@ def run(args: argparse.Namespace) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous)
     last = result.history[-1]["loss"] if result.history else float("nan")
-    print(f"trained {result.trainer.step} steps (final loss {last:.4f}); exported {result.exported}")
+    hf = f" and {Path(cfg.out) / 'model-hf'} (Hugging Face format)" if cfg.export_hf else ""
+    print(f"trained {result.trainer.step} steps (final loss {last:.4f}); exported {result.exported}{hf}")
     return 0
 
 

@@ -52,6 +52,8 @@ class TrainConfig:
     eval_every: int = _setting(0, "evaluate retrieval recall@1 on the held-out pairs every N steps (0: at the end only)")
     eval_holdout: int = _setting(0, "hold out N training pairs (chosen by --seed) for evaluation")
     eval_data: str = _setting("", "captions file of evaluation pairs (in addition to --eval-holdout)")
+    export_hf: bool = _setting(False, "also export the trained model as a Hugging Face directory, OUT/model-hf "
+                                      "(transformers loads it; as `siglip2-jax export`)")
     max_num_patches: int = _setting(256, "NaFlex models: patch budget per image")
     workers: int = _setting(-1, "image decoding processes (0: decode in this process; -1: 0 on CPU, where the "
                                 "cores are the device, else one per core but one, at most 32); a resumed run "

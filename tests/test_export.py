@@ -106,7 +106,8 @@ def test_export_then_convert_gives_back_the_params_bit_for_bit(exported, tmp_pat
 
 def test_export_processor_gives_our_token_ids_and_pixels(exported):
     _, ours, out = exported
-    processor = transformers.AutoProcessor.from_pretrained(out)
+    # transformers' reference preprocessing is its PIL backend (its torchvision one differs slightly)
+    processor = transformers.AutoProcessor.from_pretrained(out, backend="pil")
     config = read_checkpoint_config(ours)
     # the FixRes recipe: the tokenizer is Gemma's, the caller lowercases and pads to 64
     texts = [t.lower() for t in TEXTS]
@@ -129,7 +130,7 @@ def test_export_naflex_sharded_loads_in_transformers(tmp_path, tokenizer_model):
     assert sorted(source) == sorted(result) and all(np.array_equal(result[k], v) for k, v in source.items())
 
     images = random_images([(48, 300), (224, 224), (20, 20)], seed=1)
-    processor = transformers.AutoProcessor.from_pretrained(out)
+    processor = transformers.AutoProcessor.from_pretrained(out, backend="pil")
     hf = processor.image_processor(images, return_tensors="np")
     ours = preprocess_naflex(images, 16, 256)
     assert np.array_equal(hf["pixel_values"], ours["patches"])
@@ -158,3 +159,28 @@ def test_export_cli_writes_and_refuses_bad_input(fixres, tmp_path, capsys):
         err = capsys.readouterr().err
         assert needle in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_finetune_export_hf_writes_a_transformers_directory_of_the_trained_weights(fixres, tmp_path, capsys):
+    from PIL import Image
+
+    from siglip2_jax.cli import main
+
+    _, ours = fixres
+    (tmp_path / "images").mkdir()
+    lines = []
+    for i, color in enumerate(["red", "green", "blue", "yellow", "purple", "orange", "white", "black"]):
+        Image.new("RGB", (40 + i, 32), color).save(tmp_path / "images" / f"{color}.png")
+        lines.append(json.dumps({"image": f"images/{color}.png", "caption": f"a {color} square"}))
+    (tmp_path / "captions.jsonl").write_text("\n".join(lines) + "\n")
+    flags = ["--model", str(ours), "--data", str(tmp_path / "captions.jsonl"), "--out", str(tmp_path / "run"),
+             "--steps", "2", "--batch-size", "8", "--warmup-steps", "1", "--workers", "0", "--export-hf"]
+    assert main(["finetune", *flags]) == 0, capsys.readouterr().err
+    assert "model-hf" in capsys.readouterr().out
+    trained = safetensors_tensors(tmp_path / "run" / "model-hf")
+    exported_again = export_hf(tmp_path / "run" / "model", tmp_path / "again")
+    assert all(np.array_equal(v, safetensors_tensors(exported_again)[k]) for k, v in trained.items())
+    before = safetensors_tensors(export_hf(ours, tmp_path / "before"))
+    assert any(not np.array_equal(v, before[k]) for k, v in trained.items())  # it did train
+    model, info = transformers.AutoModel.from_pretrained(tmp_path / "run" / "model-hf", output_loading_info=True)
+    assert not any(info.values()), info

@@ -13,8 +13,10 @@ tensor (`BigVisionCheckpoint` presents the `.npz` under HF names); `hf.key_table
 from HF tensors to our parameters.
 
 Safety and memory: `allow_pickle=False` (an object array is refused before anything is read), every name,
-shape and dtype is checked from the `.npy` headers before any data is read, and stored (uncompressed)
-members are memory-mapped, so one array at a time is paged in.
+shape and dtype is checked from the `.npy` headers before any data is read, and then one array (one layer
+of a scanned array) at a time is read, straight from its offset in the file for stored members (what
+`np.load(mmap_mode="r")` would page in, without keeping the pages resident) and through
+`np.load(..., mmap_mode="r", allow_pickle=False)` for compressed ones.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ import dataclasses
 import json
 import re
 import zipfile
-from collections import OrderedDict
 from pathlib import Path
 from typing import Callable
 
@@ -122,6 +123,10 @@ def _rows(a):                       # position tables (1, N, D) or NaFlex's (h, 
     return a.reshape(-1, a.shape[-1])
 
 
+def _same(a):
+    return a
+
+
 def _vector(a):
     return a.reshape(-1)
 
@@ -187,7 +192,7 @@ def hf_sources(config: Siglip2Config) -> dict[str, Source]:
             Source(("img/pos_embedding",), _rows, (v.grid_size, v.grid_size, d) if v.naflex else (1, v.num_positions, d)),
         **_encoder("vision_model.", "img/Transformer", d, v.mlp_dim, v.num_heads, v.depth),
         **_norm("vision_model.post_layernorm", "img/Transformer/encoder_norm", d),
-        "vision_model.head.probe": Source(("img/MAPHead_0/probe",), lambda a: a, (1, 1, d)),
+        "vision_model.head.probe": Source(("img/MAPHead_0/probe",), _same, (1, 1, d)),
         "vision_model.head.attention.in_proj_weight": Source(qkv, _in_proj, (d, v.num_heads, hd)),
         "vision_model.head.attention.in_proj_bias":
             Source(tuple(f"{head}{n}/bias" for n in ("query", "key", "value")), _in_proj_bias, (v.num_heads, hd)),
@@ -195,7 +200,7 @@ def hf_sources(config: Siglip2Config) -> dict[str, Source]:
         "vision_model.head.attention.out_proj.bias": Source((f"{head}out/bias",), _vector, (d,)),
         **_norm("vision_model.head.layernorm", "img/MAPHead_0/LayerNorm_0", d),
         **_mlp("vision_model.head.mlp", "img/MAPHead_0/MlpBlock_0", d, v.mlp_dim),
-        "text_model.embeddings.token_embedding.weight": Source(("txt/Embed_0/embedding",), lambda a: a, (t.vocab_size, t.width)),
+        "text_model.embeddings.token_embedding.weight": Source(("txt/Embed_0/embedding",), _same, (t.vocab_size, t.width)),
         "text_model.embeddings.position_embedding.weight": Source(("txt/pos_embedding",), _rows, (1, t.max_length, t.width)),
         **_encoder("text_model.", "txt/Encoder_0", t.width, t.mlp_dim, t.num_heads, t.depth),
         **_norm("text_model.final_layer_norm", "txt/Encoder_0/encoder_norm", t.width),
@@ -253,21 +258,26 @@ class NpzArchive:
     def dtype(self, name: str) -> np.dtype:
         return self.members[name][2]
 
-    def array(self, name: str) -> np.ndarray:
-        """The array, memory-mapped when stored uncompressed (pages are read as they are touched)."""
+    def read(self, name: str, layer: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
+        """The array, or its `layer`-th slice along the first axis, into `out` if given (C-contiguous,
+        that shape and dtype). Stored members are read straight from their place in the file: the bytes
+        of that slice only, without keeping mapped pages resident (peak memory is the result's size)."""
         info, shape, dtype, data_offset = self.members[name]
-        if info.compress_type == zipfile.ZIP_STORED:
-            with open(self.path, "rb") as f:
-                f.seek(info.header_offset + 26)
-                name_len, extra_len = np.frombuffer(f.read(4), "<u2")
-            start = info.header_offset + 30 + int(name_len) + int(extra_len) + data_offset
-            if start + int(np.prod(shape)) * dtype.itemsize > self.path.stat().st_size:
+        shape = shape[1:] if layer is not None else shape
+        if out is None:
+            out = np.empty(shape, dtype)
+        if info.compress_type != zipfile.ZIP_STORED:  # np.savez_compressed: decompress the member
+            array = self._npz[name]
+            out[...] = array[layer] if layer is not None else array
+            return out
+        nbytes = int(np.prod(shape)) * dtype.itemsize
+        with open(self.path, "rb") as f:
+            f.seek(info.header_offset + 26)
+            name_len, extra_len = np.frombuffer(f.read(4), "<u2")
+            f.seek(info.header_offset + 30 + int(name_len) + int(extra_len) + data_offset + (layer or 0) * nbytes)
+            if f.readinto(memoryview(out.reshape(-1).view(np.uint8))) != nbytes:
                 raise WeightsError(f"{self.path}: truncated inside {name}")
-            return np.memmap(self.path, dtype=dtype, mode="r", offset=start, shape=shape)
-        try:
-            return self._npz[f"{name}"]
-        except (ValueError, EOFError, zipfile.BadZipFile, OSError) as err:
-            raise WeightsError(f"{self.path}: cannot read {name} ({err})") from None
+        return out
 
 
 class BigVisionCheckpoint:
@@ -309,7 +319,6 @@ class BigVisionCheckpoint:
             if self.archive.dtype(name) != np.float32:
                 raise WeightsError(f"{self.path}: {name} is {self.archive.dtype(name)}, expected float32")
         self.hf_shapes = hf_shapes(config)
-        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
 
     def _tower_scanned(self, template: str) -> bool:
         return any(template.startswith(t) and s for t, s in self.scanned.items())
@@ -319,14 +328,9 @@ class BigVisionCheckpoint:
             template = template.replace("/encoderblock_{i}/", "/encoderblock/")
         return self.root + template.format(i=layer)
 
-    def _array(self, template: str, layer: int | None) -> np.ndarray:
-        name = self._name(template, layer)
-        if name not in self._cache:
-            self._cache[name] = self.archive.array(name)
-            while len(self._cache) > 4:  # q, k, v of one layer stay open while they are combined
-                self._cache.popitem(last=False)
-        array = self._cache[name]
-        return array[layer] if layer is not None and self._tower_scanned(template) else array
+    def _read(self, template: str, layer: int | None, out: np.ndarray | None = None) -> np.ndarray:
+        scanned = layer is not None and self._tower_scanned(template)
+        return self.archive.read(self._name(template, layer), layer if scanned else None, out)
 
     # the HFCheckpoint interface
     def keys(self) -> list[str]:
@@ -343,11 +347,14 @@ class BigVisionCheckpoint:
 
     def read(self, key: str) -> np.ndarray:
         source = self.sources[key]
-        return np.ascontiguousarray(source.to_hf(*(self._array(n, source.layer) for n in source.npz)))
+        return np.ascontiguousarray(source.to_hf(*(self._read(n, source.layer) for n in source.npz)))
 
     def read_into(self, key: str, out: np.ndarray) -> None:
         source = self.sources[key]
-        out[...] = source.to_hf(*(self._array(n, source.layer) for n in source.npz)).reshape(out.shape)
+        if source.to_hf is _same and out.flags.c_contiguous:  # the embedding tables: no temporary copy
+            self._read(source.npz[0], source.layer, out.reshape(source.shape))
+        else:
+            out[...] = source.to_hf(*(self._read(n, source.layer) for n in source.npz)).reshape(out.shape)
 
 
 # ---- conversion ------------------------------------------------------------------------------------
