@@ -71,21 +71,22 @@ def missing_modules(names) -> list[str]:
     return missing
 
 
-def verify_requirements(src: str) -> str | None:
-    """Why --verify cannot run here (a one-line message), or None."""
-    from siglip2_jax.checkpoint.big_vision import find_npz
+def verify_requirements(src: str, config=None) -> str | None:
+    """Why --verify cannot run here (a one-line message), or None. A FixRes .npz is verified with open_clip."""
+    from siglip2_jax.checkpoint.big_vision import find_npz, variant_config, variant_of
 
     try:
-        npz = find_npz(src) is not None
+        npz = find_npz(src)
+        fixres_npz = npz is not None and not (config or variant_config(variant_of(npz))).naflex
     except ValueError:
-        npz = False  # the conversion reports it
+        fixres_npz = False  # the conversion reports it
     needed = {"torch": "torch", "transformers": "transformers"}
-    if npz:
-        needed["open_clip"] = "open-clip-torch"
-    missing = [needed[m] for m in missing_modules(needed)]
+    if fixres_npz:  # without its torchvision requirement: see README, Conversion
+        needed["open_clip"] = "--no-deps open-clip-torch==3.3.0 timm==1.0.31 ftfy"
+    missing = missing_modules(needed)
     if missing:
-        return (f"--verify needs {' and '.join(missing)}, which cannot be imported here: pip install "
-                f"{' '.join(missing)} (or convert without --verify)")
+        return (f"--verify needs {' and '.join(missing)}, which cannot be imported here: "
+                + "; ".join(f"pip install {needed[m]}" for m in missing) + " (or convert without --verify)")
     return None
 
 
@@ -111,13 +112,18 @@ def run(args: argparse.Namespace) -> int:
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         print(f"error: {out}: already exists and is not empty (use --overwrite to replace it)", file=sys.stderr)
         return 2
-    if args.verify and (problem := verify_requirements(args.src)):
+    try:
+        config = _config_arg(args.config)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.verify and (problem := verify_requirements(args.src, config)):
         print(f"error: {problem}", file=sys.stderr)
         return 2
     start = time.perf_counter()
     try:
         local = convert(args.src, out, param_dtype=param_dtype, overwrite=args.overwrite, progress=not args.quiet,
-                        config=_config_arg(args.config), tokenizer=args.tokenizer)
+                        config=config, tokenizer=args.tokenizer)
     except (ValueError, ConfigError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -225,13 +225,13 @@ def iter_checkpoint_params(checkpoint, config: Siglip2Config, prefixes=("vision_
 
 
 # ---- our params -> HF tensors (export) -------------------------------------------------------------
-def iter_hf_tensors(config: Siglip2Config, params: dict):
-    """(HF key, numpy array in HF layout) for every tensor of a full HF checkpoint, made from our params
-    (nested or flat dict; encoder layers stacked) by running `key_table` backwards: the result is
-    bit-identical to the tensors the params were converted from. One tensor at a time, so a caller can
-    write each away; views where the layout allows."""
+def iter_hf_tensors(config: Siglip2Config, params: dict, rules: list[Rule] | None = None):
+    """(HF key, numpy array in HF layout) for every tensor of a full HF checkpoint (or of `rules`, a part
+    of `key_table(config)`), made from our params (nested or flat dict; encoder layers stacked) by running
+    the table backwards: the result is bit-identical to the tensors the params were converted from. One
+    tensor at a time, so a caller can write each away; views where the layout allows."""
     flat = flatten(params) if any(isinstance(v, dict) for v in params.values()) else params
-    for rule in key_table(config):
+    for rule in rules if rules is not None else key_table(config):
         value = np.asarray(flat[rule.ours])
         for i, keys in enumerate(hf_keys(rule)):
             tensors = _INVERSE[rule.convert](value[i] if rule.layers else value, rule.hf_shape, len(keys))

@@ -24,7 +24,7 @@ import numpy as np
 from ..config import ConfigError
 from .big_vision import hf_assets
 from .hf import hf_keys, iter_hf_tensors, key_table
-from .orbax_io import ASSET_FILES, read_checkpoint_config, restore_params
+from .orbax_io import ASSET_FILES, group_of, read_checkpoint_config, restore_params, stored_dtypes
 
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 _SAFETENSORS_DTYPES = {np.dtype(np.float32): "F32", np.dtype(ml_dtypes.bfloat16): "BF16", np.dtype(np.float16): "F16"}
@@ -58,21 +58,31 @@ def export_hf(checkpoint_dir: str | Path, out_dir: str | Path, *, max_shard_size
         raise ConfigError(f"{checkpoint_dir}: export needs both towers (this checkpoint has one)")
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{out_dir}: already exists and is not empty (pass overwrite to replace it)")
-    params = restore_params(checkpoint_dir, config)
 
     staging = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
-        dtypes = {rule.ours: np.dtype(params_leaf(params, rule.ours).dtype) for rule in key_table(config)}
-        entries = [(key, rule.hf_shape, dtypes[rule.ours]) for rule in key_table(config)
+        # item by item (see orbax_io.group_of): only one item's params are in memory at a time
+        dtypes = stored_dtypes(checkpoint_dir)
+        by_group: dict[str, list] = {}
+        for rule in key_table(config):
+            by_group.setdefault(group_of(rule.ours), []).append(rule)
+        entries = [(key, rule.hf_shape, dtypes[rule.ours]) for rules in by_group.values() for rule in rules
                    for keys in hf_keys(rule) for key in keys]
+
+        def tensors():
+            for group, rules in by_group.items():
+                params = restore_params(checkpoint_dir, config, groups={group})
+                yield from iter_hf_tensors(config, params, rules)
+                del params
+
         shards = _plan_shards(entries, limit)
-        tensors = iter_hf_tensors(config, params)
+        stream = tensors()
         weight_map = {}
         for k, shard in enumerate(shards):
             name = "model.safetensors" if len(shards) == 1 else f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-            _write_safetensors(staging / name, shard, tensors)
+            _write_safetensors(staging / name, shard, stream)
             weight_map.update({key: name for key, _, _ in shard})
         if len(shards) > 1:
             total = sum(_nbytes(shape, dtype) for _, shape, dtype in entries)
@@ -100,13 +110,6 @@ def export_hf(checkpoint_dir: str | Path, out_dir: str | Path, *, max_shard_size
         return out_dir
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-
-
-def params_leaf(params: dict, path: str):
-    node = params
-    for name in path.split("/"):
-        node = node[name]
-    return node
 
 
 def _nbytes(shape, dtype) -> int:

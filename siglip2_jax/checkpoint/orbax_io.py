@@ -127,9 +127,11 @@ def read_checkpoint_config(directory: str | Path) -> Siglip2Config:
     return Siglip2Config.from_json(Path(directory) / "config.json")
 
 
-def restore_params(directory: str | Path, config: Siglip2Config | None = None, shardings: dict | None = None) -> dict:
+def restore_params(directory: str | Path, config: Siglip2Config | None = None, shardings: dict | None = None,
+                   groups: set[str] | None = None) -> dict:
     """Params as jax arrays placed straight onto `shardings` (nested dict of `jax.sharding.Sharding`;
-    default: the first device), each device reading only its own shards."""
+    default: the first device), each device reading only its own shards. `groups`: only the params of
+    these items (see `group_of`), for a job that streams a checkpoint item by item."""
     directory = Path(directory).absolute()  # Orbax resolves relative paths wrongly
     if not is_checkpoint(directory):
         raise ConfigError(f"{directory}: not a siglip2-jax checkpoint (no params/ and config.json)")
@@ -137,12 +139,13 @@ def restore_params(directory: str | Path, config: Siglip2Config | None = None, s
     expected = flat_param_shapes(config)
     flat_shardings = flatten(shardings) if shardings is not None else {}
     checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
-    groups: dict[str, list[str]] = {}
+    only, groups = groups, {}
     for path in expected:
         groups.setdefault(group_of(path), []).append(path)
     # Orbax holds a second copy of an item while reading it: the biggest items first keep that copy on
     # top of little else, so the peak stays near the size of the params.
     order = sorted(groups, key=lambda g: -sum(np.prod(expected[p].shape) for p in groups[g]))
+    order = [g for g in order if only is None or g in only]
     restored = {}
     for group in order:
         item = directory / "params" / group
@@ -163,6 +166,15 @@ def restore_params(directory: str | Path, config: Siglip2Config | None = None, s
         # host arrays (no sharding asked for) go to the default device; on CPU that is not even a copy
         restored.update({p: v if flat_shardings.get(p) is not None else jax.device_put(v) for p, v in values.items()})
     return nest(restored)
+
+
+def stored_dtypes(directory: str | Path) -> dict[str, np.dtype]:
+    """{param path: dtype} as stored, from the items' metadata (no data read)."""
+    checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
+    out = {}
+    for item in sorted((Path(directory).absolute() / "params").iterdir()):
+        out.update({path: np.dtype(meta.dtype) for path, meta in flatten(_metadata_tree(checkpointer, item)).items()})
+    return out
 
 
 def _release_freed_memory() -> None:
