@@ -19,7 +19,7 @@ from flax import nnx
 
 from .checkpoint import (is_checkpoint, iter_hf_params, read_checkpoint_config, resolve_source, restore_params,
                          write_checkpoint)
-from .config import DEFAULT_MODEL, DEFAULT_TEMPLATE, Siglip2Config  # noqa: F401 (DEFAULT_MODEL: re-exported)
+from .config import DEFAULT_MODEL, DEFAULT_TEMPLATE, Siglip2Config, check_template  # noqa: F401 (DEFAULT_MODEL: re-exported)
 from .images import preprocess_fixres, preprocess_naflex
 from .model.build import flatten, model_from_params, nest, unstack_layers
 from .sharding import batch_sharding, param_shardings
@@ -136,6 +136,7 @@ class Siglip2Pipeline:
         labels = list(labels)
         if not labels:
             raise ValueError("zero_shot needs at least one label")
+        check_template(template)  # a ValueError naming the template, not str.format's IndexError or KeyError
         texts = [template.format(label) for label in labels]
         return _sigmoid(self.logits(self.encode_images(images), self.encode_texts(texts)))
 

@@ -107,6 +107,15 @@ def test_bad_arguments_one_line_exit_2_before_the_model_loads(tmp_path, odd_imag
     assert "no-model" not in run.stderr and "Traceback" not in run.stderr
 
 
+def test_library_zero_shot_checks_the_template_too(fixres, odd_images):
+    import siglip2_jax
+
+    model = siglip2_jax.load(fixres[1])
+    for template, found in [("a {} and a {}", "{}, {}"), ("a {} of {kind}", "{}, {kind}")]:
+        with pytest.raises(ValueError, match=f"template {template!r}: needs exactly one {{}}.*found: {found}"):
+            model.zero_shot([odd_images[0]], ["cat"], template=template)
+
+
 def test_images_after_labels_are_never_taken_as_labels(tmp_path, odd_images):
     run = cli("classify", "--model", tmp_path / "no-model", "--labels", "cat", "dog", odd_images[0])
     assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1, run
