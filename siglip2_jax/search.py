@@ -102,13 +102,23 @@ def _npy_layout(path: Path) -> tuple[int, tuple, np.dtype]:
 def _model_for(manifest: dict, model):
     from .pipeline import Siglip2Pipeline, load
 
+    # An image query is preprocessed as OUT's images were: the same NaFlex budget and FixRes size.
+    options = manifest["options"]
+    settings = {"max_num_patches": options.get("max_num_patches"), "image_size": options.get("image_size")}
     if isinstance(model, Siglip2Pipeline):
+        if manifest["kind"] == "image" and model.preprocessor is not None:
+            ours = {"max_num_patches": model.preprocessor.max_num_patches,
+                    "image_size": model.preprocessor.image_size if settings["image_size"] else None}
+            for name, value in settings.items():
+                if value is not None and ours[name] != value:
+                    raise EmbedError(f"this pipeline has {name}={ours[name]}, OUT was embedded with {value}: "
+                                     f"load the model with {name}={value}")
         return model
     given = model if model is not None else manifest["model"]["source"]
     source, directory, _ = _resolve_model(given)
     if fingerprint(directory) != manifest["model"]["fingerprint"]:
         raise EmbedError(f"{given}: not the model this OUT was embedded with ({manifest['model']['source']})")
-    return load(source)
+    return load(source, **settings)
 
 
 # ------------------------------------------------------------------------------------------------ CLI

@@ -64,13 +64,58 @@ def bilinear_antialias_weights(out_size: Array, in_size: int, rows: Array) -> Ar
     When shrinking, the triangle filter widens by in/out (that is the antialias); when growing it is
     plain bilinear. Each row is normalized over the taps that fall inside the input.
     """
-    scale = in_size / out_size.astype(jnp.float32)
+    scale = in_size / jnp.asarray(out_size).astype(jnp.float32)
     support = jnp.maximum(scale, 1.0)
     center = (rows.astype(jnp.float32) + 0.5) * scale
     taps = jnp.arange(in_size, dtype=jnp.float32)
     distance = (taps + 0.5 - center[..., None]) / support[..., None]
     weights = jnp.maximum(0.0, 1.0 - jnp.abs(distance))
     return weights / weights.sum(-1, keepdims=True)
+
+
+def bicubic_weights(out_size: Array, in_size: int, rows: Array) -> Array:
+    """Rows of the (out_size x in_size) matrix of torch's `interpolate(mode="bicubic",
+    align_corners=False)` (no antialias) along one axis: Keys' cubic kernel with a = -0.75 over the 4
+    taps around (row + 0.5) * in / out - 0.5; taps past an edge read the edge value. Same calling
+    convention as `bilinear_antialias_weights`."""
+    a = -0.75
+    scale = in_size / jnp.asarray(out_size).astype(jnp.float32)
+    source = (rows.astype(jnp.float32) + 0.5) * scale - 0.5
+    taps = jnp.floor(source)[..., None] + jnp.arange(-1, 3, dtype=jnp.float32)       # (..., 4)
+    x = jnp.abs(source[..., None] - taps)
+    near = ((a + 2) * x - (a + 3)) * x * x + 1                                         # |x| <= 1
+    far = ((a * x - 5 * a) * x + 8 * a) * x - 4 * a                                    # 1 < |x| < 2
+    tap_weights = jnp.where(x <= 1, near, jnp.where(x < 2, far, 0.0))
+    index = jnp.clip(taps, 0, in_size - 1).astype(jnp.int32)
+    return (tap_weights[..., None] * jax.nn.one_hot(index, in_size, dtype=jnp.float32)).sum(-2)
+
+
+def resize_position_grid(table: Array, grid_size: int, height: Array, width: Array, num_tokens: int,
+                         weights=None) -> Array:
+    """A learned (grid_size^2, D) position table, seen as a grid_size x grid_size grid, resized to
+    (height, width) with the separable 1-D `weights` (default: `bilinear_antialias_weights`, NaFlex's)
+    and flattened row-major into `num_tokens` rows; rows past height * width (padding) repeat row 0.
+    height/width may be traced."""
+    weights = weights or bilinear_antialias_weights
+    n = jnp.arange(num_tokens)
+    n = jnp.where(n < height * width, n, 0)
+    row_weights = weights(height, grid_size, n // width)   # (N, G)
+    col_weights = weights(width, grid_size, n % width)     # (N, G)
+    token_weights = (row_weights[:, :, None] * col_weights[:, None, :]).reshape(num_tokens, -1)
+    return jnp.matmul(token_weights, table, precision=_EXACT)
+
+
+def interpolate_fixres_positions(table: Array, patch_size: int, image_size: int) -> Array:
+    """A FixRes position table (G^2, D) for square inputs of `image_size` pixels: (g^2, D) with
+    g = image_size // patch_size (the patches a VALID stride-p convolution makes; leftover pixels are
+    dropped). As transformers' `interpolate_pos_encoding=True` (SiglipVisionEmbeddings): bicubic,
+    align_corners=False, no antialias, the table unchanged when g == G."""
+    grid_size = round(table.shape[0] ** 0.5)
+    new_grid = image_size // patch_size
+    if new_grid == grid_size:
+        return table
+    return resize_position_grid(jnp.asarray(table, jnp.float32), grid_size, new_grid, new_grid, new_grid ** 2,
+                                bicubic_weights)
 
 
 class NaFlexEmbedding(nnx.Module):
@@ -90,15 +135,9 @@ class NaFlexEmbedding(nnx.Module):
         return self.patch(patches) + positions, mask.astype(bool)
 
     def resized_positions(self, shape: Array, num_tokens: int) -> Array:
-        """The learned G x G grid resized to (h, w) and flattened row-major into `num_tokens` rows;
-        rows past h * w (padding) repeat row 0, as the reference does."""
-        h, w = shape[0], shape[1]
-        n = jnp.arange(num_tokens)
-        n = jnp.where(n < h * w, n, 0)
-        row_weights = bilinear_antialias_weights(h, self.grid_size, n // w)   # (N, G)
-        col_weights = bilinear_antialias_weights(w, self.grid_size, n % w)    # (N, G)
-        token_weights = (row_weights[:, :, None] * col_weights[:, None, :]).reshape(num_tokens, -1)
-        return jnp.matmul(token_weights, self.position[...], precision=_EXACT)
+        """The learned G x G grid resized to (h, w) (bilinear, antialiased) and flattened row-major into
+        `num_tokens` rows; rows past h * w (padding) repeat row 0, as the reference does."""
+        return resize_position_grid(self.position[...], self.grid_size, shape[0], shape[1], num_tokens)
 
 
 class VisionTower(nnx.Module):
