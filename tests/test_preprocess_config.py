@@ -4,6 +4,7 @@ from the same directory (bit-exact), wherever preprocessing happens; and one-lin
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
 
 import numpy as np
@@ -149,6 +150,7 @@ def test_saved_settings_read_back_by_transformers(tmp_path):
     reference = _reference(tmp_path, images, naflex=False)["pixel_values"].transpose(0, 2, 3, 1)
     assert np.array_equal(preprocessor(images), reference) and reference.shape[1] == 96
     assert ImagePreprocessor.from_dir(tmp_path, FIXRES, image_size=96) == preprocessor
+    assert pickle.loads(pickle.dumps(preprocessor)) == preprocessor  # grain workers get it pickled
 
 
 REFUSED = [
