@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="prompt with one {} where the label goes (default: %(default)r)")
     classify.add_argument("--max-num-patches", type=positive_int, default=None, metavar="N",
                           help="NaFlex models: patch budget per image (256, 576, 784, 1024)")
+    classify.add_argument("--image-size", type=positive_int, default=None, metavar="S",
+                          help="FixRes models: classify at S x S pixels (position table resized as transformers' "
+                               "interpolate_pos_encoding does; default: the model's own size)")
     classify.add_argument("--top", type=positive_int, default=None, metavar="N",
                           help="only the best N labels per image, best first (in the table and in --json)")
     classify.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -205,7 +208,7 @@ def run_classify(args: argparse.Namespace) -> int:
     from .pipeline import load
 
     try:
-        pipeline = load(model, max_num_patches=args.max_num_patches)
+        pipeline = load(model, max_num_patches=args.max_num_patches, image_size=args.image_size)
         probs = pipeline.zero_shot(images, labels, template=args.template)
     except (ValueError, OSError) as err:
         return _fail(f"{model}: {err}" if str(model) not in str(err) else str(err))

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
-from .images import ImageError, preprocess_fixres, preprocess_naflex
+from .images import ImageError, ImagePreprocessor  # noqa: F401 (ImagePreprocessor: the image transform, re-exported)
 
 if TYPE_CHECKING:  # grain is imported where a loader is made: the CLI's --help must not wait for it
     import grain
@@ -151,21 +151,6 @@ def _exit_with_parent(parent: int, worker_index: int, worker_count: int) -> None
 
 
 # ------------------------------------------------------------------------------------------------ transforms
-
-
-@dataclasses.dataclass(frozen=True)
-class ImagePreprocessor:
-    """Image sources -> the image tower's input, exactly as `Siglip2Pipeline.preprocess` makes it; only
-    settings, so it pickles into worker processes. FixRes: `image_size`; NaFlex: `max_num_patches` set."""
-
-    image_size: int = 224
-    patch_size: int = 16
-    max_num_patches: int | None = None
-
-    def __call__(self, sources) -> np.ndarray | dict:
-        if self.max_num_patches is not None:
-            return preprocess_naflex(sources, self.patch_size, self.max_num_patches)
-        return preprocess_fixres(sources, self.image_size)
 
 
 @dataclasses.dataclass(frozen=True)

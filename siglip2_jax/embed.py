@@ -12,7 +12,8 @@ Output (OUT/), version 1:
     manifest.json       what was embedded and how: {"format": "siglip2-jax-embeddings", "format_version": 1,
                         "kind": "image" | "text", "model": {"source", "fingerprint"},
                         "input": {"source", "listing": "folder" | "list" | "texts", "count", "sha256"},
-                        "options": {"dtype", "batch_size", "part_size", "max_num_patches", "model_parallel"},
+                        "options": {"dtype", "batch_size", "part_size", "max_num_patches", "model_parallel",
+                                    "image_size" (FixRes run at another size, else null)},
                         "dim", "num_parts", and, once every part is done, "result": {"embedded", "refused"}}
     parts/000123.npy    the embeddings of part 123 (inputs 123 * part_size ... 124 * part_size - 1 of the
                         listing, those that could be read, in listing order): a standard .npy array of shape
@@ -54,7 +55,7 @@ from .data import DecodeBatch, ImagePreprocessor, iterate, list_files, make_load
 FORMAT, FORMAT_VERSION = "siglip2-jax-embeddings", 1
 DTYPES = ("float32", "float16")
 FLAGS = {"dtype": "--dtype", "batch_size": "--batch-size", "part_size": "--part-size",
-         "max_num_patches": "--max-num-patches", "model_parallel": "--model-parallel"}
+         "max_num_patches": "--max-num-patches", "model_parallel": "--model-parallel", "image_size": "--image-size"}
 
 
 class EmbedError(ValueError):
@@ -79,11 +80,12 @@ class EmbedResult:
 
 def embed(model, inputs: str | Path, out: str | Path, *, texts: bool = False, dtype: str = "float32",
           batch_size: int = 128, part_size: int = 4096, max_num_patches: int | None = None, model_parallel: int = 1,
-          mesh=None, workers: int | None = None, progress: bool = True) -> EmbedResult:
+          image_size: int | None = None, mesh=None, workers: int | None = None, progress: bool = True) -> EmbedResult:
     """Embeds INPUT (a folder, a text file of paths, or with `texts` a text file of captions) into OUT.
 
     model: a checkpoint dir, HF dir or hub id; or a `Siglip2Pipeline` loaded from one (it is then used
-        as it is: its mesh and NaFlex patch budget, and its compiled functions).
+        as it is: its mesh, preprocessing (NaFlex patch budget, FixRes image size), compiled functions).
+    max_num_patches / image_size: as in `siglip2_jax.load`.
     mesh: where to run a model given by path (default: this process's devices as a (data,
         model_parallel) mesh).
     workers: decoding processes (0: decode in this process, while the devices compute). Default: 0 on
@@ -93,7 +95,7 @@ def embed(model, inputs: str | Path, out: str | Path, *, texts: bool = False, dt
     """
     import jax
 
-    from .pipeline import Siglip2Pipeline, _default_budget, load
+    from .pipeline import Siglip2Pipeline, load
     from .sharding import make_mesh
 
     if dtype not in DTYPES:
@@ -111,18 +113,22 @@ def embed(model, inputs: str | Path, out: str | Path, *, texts: bool = False, dt
     if (config.vision if kind == "image" else config.text) is None:
         raise EmbedError(f"{model_source}: this checkpoint has no {kind} tower")
     if pipeline is not None:
-        mesh, max_num_patches = pipeline.mesh, pipeline.max_num_patches
+        mesh = pipeline.mesh
     elif mesh is None:
         mesh = make_mesh(model_parallel, jax.local_devices())
-    budget = (max_num_patches or _default_budget(model_dir)) if config.naflex and kind == "image" else None
-    preprocess = _preprocessor(kind, config, model_dir, budget, pipeline)
+    preprocess = _preprocessor(kind, config, model_dir, max_num_patches, image_size, pipeline)
+    budget = preprocess.max_num_patches if kind == "image" and config.naflex else None
+    fixres_images = kind == "image" and not config.naflex
+    # the FixRes input size when it is not the model's own (load(image_size=...)), else None
+    size = preprocess.image_size if fixres_images and preprocess.image_size != config.vision.image_size else None
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "kind": kind,
         "model": {"source": model_source, "fingerprint": fingerprint(model_dir)},
         "input": {"source": os.path.abspath(inputs), "listing": listing, "count": len(items),
                   "sha256": hashlib.sha256("\0".join(items).encode("utf-8", "surrogateescape")).hexdigest()},
         "options": {"dtype": dtype, "batch_size": batch_size, "part_size": part_size,
-                    "max_num_patches": budget, "model_parallel": int(mesh.shape["model"]) if mesh is not None else 1},
+                    "max_num_patches": budget, "model_parallel": int(mesh.shape["model"]) if mesh is not None else 1,
+                    "image_size": size},
         "dim": config.embed_dim, "num_parts": -(-len(items) // part_size),
     }
     _open(out, manifest)
@@ -143,7 +149,8 @@ def embed(model, inputs: str | Path, out: str | Path, *, texts: bool = False, dt
             # Load and place the weights while the workers start and decode the first batch.
             with concurrent.futures.ThreadPoolExecutor(1) as pool:
                 first = pool.submit(next, batches)
-                pipeline = load(model_source, mesh=mesh, max_num_patches=budget, batch_size=batch_size)
+                pipeline = load(model_source, mesh=mesh, max_num_patches=budget, image_size=size,
+                                batch_size=batch_size)
                 batches = itertools.chain([first.result()], batches)
                 del first  # holds the first batch
         _embed_parts(pipeline, batches, manifest, sum(len(p["sources"]) for p in plans), out, progress)
@@ -164,10 +171,14 @@ def _plan_batches(parts: list[int], items: list[str], part_size: int, batch_size
     return plans
 
 
-def _preprocessor(kind: str, config, model_dir: Path, budget: int | None, pipeline):
-    """What the workers run on each input: settings and a tokenizer only, no weights."""
+def _preprocessor(kind: str, config, model_dir: Path, max_num_patches: int | None, image_size: int | None, pipeline):
+    """What the workers run on each input: settings and a tokenizer only, no weights. Images: the
+    pipeline's preprocessor, or the checkpoint's processor config (`ImagePreprocessor.from_dir`)."""
     if kind == "image":
-        return ImagePreprocessor(config.vision.image_size, config.vision.patch_size, budget)
+        if pipeline is not None:
+            return pipeline.preprocessor
+        return ImagePreprocessor.from_dir(model_dir, config.vision, max_num_patches=max_num_patches,
+                                          image_size=image_size)
     from .tokenizer import Tokenizer
 
     try:
@@ -396,8 +407,8 @@ def _check_same_job(out: Path, old: dict, new: dict) -> None:
     if old["model"]["fingerprint"] != new["model"]["fingerprint"]:
         raise EmbedError(f"{out}: was started with another model ({old['model']['source']}); {advice}")
     for key, flag in FLAGS.items():
-        if old["options"][key] != new["options"][key]:
-            raise EmbedError(f"{out}: was started with {flag} {old['options'][key]}, this command gives "
+        if old["options"].get(key) != new["options"][key]:  # (image_size: absent from older OUTs)
+            raise EmbedError(f"{out}: was started with {flag} {old['options'].get(key)}, this command gives "
                              f"{new['options'][key]}; {advice}")
     if (old["input"]["count"], old["input"]["sha256"]) != (new["input"]["count"], new["input"]["sha256"]):
         raise EmbedError(f"{out}: the input changed since this OUT was started ({old['input']['count']} inputs "
@@ -489,6 +500,9 @@ def register(commands) -> None:
                         help="inputs per output part, the unit of resuming (default 4096)")
     parser.add_argument("--max-num-patches", type=positive_int, default=None,
                         help="NaFlex models: patch budget per image (default: the checkpoint's, usually 256)")
+    parser.add_argument("--image-size", type=positive_int, default=None,
+                        help="FixRes models: embed at this input size (position table resized as transformers' "
+                             "interpolate_pos_encoding does; default: the model's own)")
     parser.add_argument("--model-parallel", type=positive_int, default=1,
                         help="devices that share one copy of the weights (default 1: pure data parallel)")
     parser.add_argument("--workers", type=int_at_least(0), default=None,
@@ -507,7 +521,7 @@ def run(args: argparse.Namespace) -> int:
         distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
         result = embed(args.model, args.inputs, args.out, texts=args.texts, dtype=args.dtype,
                        batch_size=args.batch_size, part_size=args.part_size, max_num_patches=args.max_num_patches,
-                       model_parallel=args.model_parallel, workers=args.workers, progress=not args.no_progress)
+                       image_size=args.image_size, model_parallel=args.model_parallel, workers=args.workers, progress=not args.no_progress)
     except (EmbedError, SourceError, ConfigError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -19,8 +19,8 @@ from flax import nnx
 
 from .checkpoint import (is_checkpoint, iter_hf_params, read_checkpoint_config, resolve_source, restore_params,
                          write_checkpoint)
-from .config import DEFAULT_MODEL, DEFAULT_TEMPLATE, Siglip2Config, check_template  # noqa: F401 (DEFAULT_MODEL: re-exported)
-from .images import preprocess_fixres, preprocess_naflex
+from .config import DEFAULT_MODEL, DEFAULT_TEMPLATE, ConfigError, Siglip2Config, check_template  # noqa: F401 (DEFAULT_MODEL: re-exported)
+from .images import ImagePreprocessor
 from .model.build import flatten, model_from_params, nest, unstack_layers
 from .sharding import batch_sharding, param_shardings
 
@@ -45,7 +45,14 @@ CPU_TOKENS_PER_CALL = 2048
 
 class Siglip2Pipeline:
     def __init__(self, config: Siglip2Config, params: dict, *, tokenizer=None, dtype=jnp.float32, mesh=None,
-                 max_num_patches: int = 256, batch_size: int = 32, assets_dir: Path | None = None):
+                 max_num_patches: int = 256, batch_size: int = 32, assets_dir: Path | None = None,
+                 preprocessor: ImagePreprocessor | None = None):
+        # the one image preprocessor (default: hub SigLIP 2 settings); it decides the NaFlex budget
+        if preprocessor is None and config.vision is not None:
+            preprocessor = ImagePreprocessor.for_model(config.vision, max_num_patches=max_num_patches)
+        if preprocessor is not None and preprocessor.naflex:
+            max_num_patches = preprocessor.max_num_patches
+        self.preprocessor = preprocessor
         self.config, self.tokenizer, self.mesh = config, tokenizer, mesh
         self.max_num_patches, self.batch_size, self.assets_dir = max_num_patches, batch_size, assets_dir
         # one array per encoder layer: faster than the stacked (scan) layout at inference (see Encoder)
@@ -67,10 +74,10 @@ class Siglip2Pipeline:
 
     # ---- inputs -----------------------------------------------------------------------------------
     def preprocess(self, images) -> np.ndarray | dict:
-        v = self._require("vision")
-        if v.naflex:
-            return preprocess_naflex(images, v.patch_size, self.max_num_patches)
-        return preprocess_fixres(images, v.image_size)
+        """Images -> the image tower's input, by `self.preprocessor` (the checkpoint's processor config):
+        FixRes float32 (n, S, S, 3); NaFlex dict(patches, mask, spatial_shapes). See `ImagePreprocessor`."""
+        self._require("vision")
+        return self.preprocessor(images)
 
     def tokenize(self, texts: str | Sequence[str]) -> np.ndarray:
         t = self._require("text")
@@ -153,8 +160,11 @@ class Siglip2Pipeline:
     def save(self, directory: str | Path, overwrite: bool = False) -> Path:
         """A self-contained checkpoint directory (params, config, tokenizer and preprocessor files)."""
         leaves = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(self.model, nnx.Param)))
-        return write_checkpoint(directory, self.config, leaves, source=self.config.name,
+        path = write_checkpoint(directory, self.config, leaves, source=self.config.name,
                                 assets_from=self.assets_dir, overwrite=overwrite)
+        if self.preprocessor is not None:
+            self.preprocessor.save(path)  # this pipeline's settings (its image_size, its budget)
+        return path
 
     # ---- internals --------------------------------------------------------------------------------
     def _require(self, tower: str):
@@ -215,43 +225,61 @@ class Siglip2Pipeline:
 
 
 def load(source: str | Path = DEFAULT_MODEL, *, dtype=jnp.float32, mesh=None, max_num_patches: int | None = None,
-         batch_size: int = 32, tokenizer=None) -> Siglip2Pipeline:
+         image_size: int | None = None, batch_size: int = 32, tokenizer=None) -> Siglip2Pipeline:
     """A siglip2-jax checkpoint dir, a local HF model dir, or a hub id (downloaded, converted in memory).
 
     dtype: compute dtype (float32 or bfloat16; patch/position embeddings and norms stay float32).
     mesh: a `jax.sharding.Mesh` with a "data" (and optionally "model") axis; default: one device.
-    max_num_patches: NaFlex patch budget (256 default; 576, 784, 1024 for more detail).
+    max_num_patches: NaFlex patch budget (default: the checkpoint's processor config, else 256; 576, 784,
+        1024 for more detail).
+    image_size: FixRes models only: run at image_size x image_size pixels instead of the model's own size.
+        The position table is resized once, as transformers' `interpolate_pos_encoding=True` does
+        (bicubic; a grid of image_size // patch_size patches a side), and images are resized to it.
+    Images are preprocessed as the checkpoint's `preprocessor_config.json` says (`ImagePreprocessor`);
+    a value that is not implemented raises ConfigError naming the field, before any weight is read.
     """
     from .tokenizer import Tokenizer
 
     path = Path(source).expanduser()
     if is_checkpoint(path):
-        config = read_checkpoint_config(path)
-        shardings = param_shardings(config, mesh) if mesh is not None else None
-        params = unstack_layers(flatten(restore_params(path, config, shardings)))
-        directory = path
+        config, directory = read_checkpoint_config(path), path
     else:
         directory = resolve_source(source)
         config, leaves = iter_hf_params(directory)
+    preprocessor = None
+    if config.vision is None and image_size is not None:
+        raise ConfigError(f"image_size={image_size}: {source} has no image tower")
+    if config.vision is not None:
+        preprocessor = ImagePreprocessor.from_dir(directory, config.vision, max_num_patches=max_num_patches,
+                                                  image_size=image_size)
+    if is_checkpoint(path):
+        shardings = param_shardings(config, mesh) if mesh is not None else None
+        params = unstack_layers(flatten(restore_params(path, config, shardings)))
+    else:
         shardings = flatten(param_shardings(config, mesh)) if mesh is not None else {}
         params = unstack_layers({p: jax.device_put(v, shardings.get(p)) if shardings else jnp.asarray(v) for p, v in leaves})
         config = dataclasses.replace(config, name=str(source))
+    if image_size is not None:
+        config, params = _at_image_size(config, params, image_size, mesh)
     if tokenizer is None and config.text is not None:
         try:
             tokenizer = Tokenizer.from_dir(directory)
         except FileNotFoundError:
             tokenizer = None
     return Siglip2Pipeline(config, nest(params), tokenizer=tokenizer, dtype=dtype, mesh=mesh,
-                           max_num_patches=max_num_patches or _default_budget(directory), batch_size=batch_size,
-                           assets_dir=directory)
+                           batch_size=batch_size, assets_dir=directory, preprocessor=preprocessor)
 
 
-def _default_budget(directory: Path) -> int:
-    import json
-    try:
-        return int(json.loads((directory / "preprocessor_config.json").read_text()).get("max_num_patches", 256))
-    except (OSError, ValueError, AttributeError):
-        return 256
+def _at_image_size(config: Siglip2Config, params: dict, image_size: int, mesh) -> tuple[Siglip2Config, dict]:
+    """A FixRes model's config and flat params for image_size x image_size inputs (its position table
+    resized by `interpolate_fixres_positions`)."""
+    from .model.vision import interpolate_fixres_positions
+
+    config = dataclasses.replace(config, vision=dataclasses.replace(config.vision, image_size=image_size))
+    key = "vision/embed/position"
+    table = interpolate_fixres_positions(params[key], config.vision.patch_size, image_size)
+    params[key] = jax.device_put(table, flatten(param_shardings(config, mesh))[key]) if mesh is not None else table
+    return config, params
 
 
 def _as_list(images) -> list:

@@ -304,11 +304,11 @@ def finetune(cfg: TrainConfig, *, on_step=None, progress: bool = True) -> Finetu
                          f"data-parallel devices")
     _record_run_config(out, cfg)
 
-    pipeline = load(cfg.model, mesh=mesh, max_num_patches=cfg.max_num_patches)
+    pipeline = load(cfg.model, mesh=mesh, max_num_patches=cfg.max_num_patches, image_size=cfg.image_size or None)
     if pipeline.tokenizer is None:
         raise ValueError(f"{cfg.model}: has no tokenizer (tokenizer.model or tokenizer.json)")
     config, assets_dir = pipeline.config, pipeline.assets_dir
-    transform = PairTransform.for_model(config, pipeline.tokenizer, cfg.max_num_patches)
+    transform = PairTransform.for_model(pipeline)
     trainer = Trainer(config, nnx.to_pure_dict(nnx.state(pipeline.model, nnx.Param)), cfg, mesh)
     del pipeline  # its copy of the weights is no longer needed
 
@@ -384,6 +384,7 @@ def finetune(cfg: TrainConfig, *, on_step=None, progress: bool = True) -> Finetu
     if is_main:
         save_checkpoint(exported, config, jax.device_get(trainer.params()), source=str(cfg.model),
                         assets_from=assets_dir, overwrite=True)
+        transform.images.save(exported)  # the settings it was trained with (its image size, its budget)
         if cfg.export_hf:
             export_hf(exported, out / "model-hf", overwrite=True)
     return FinetuneResult(trainer, history, evals, exported)

@@ -55,6 +55,8 @@ class TrainConfig:
     export_hf: bool = _setting(False, "also export the trained model as a Hugging Face directory, OUT/model-hf "
                                       "(transformers loads it; as `siglip2-jax export`)")
     max_num_patches: int = _setting(256, "NaFlex models: patch budget per image")
+    image_size: int = _setting(0, "FixRes models: train at this input size (the position table resized as "
+                                  "transformers' interpolate_pos_encoding does); 0: the model's own")
     workers: int = _setting(-1, "image decoding processes (0: decode in this process; -1: 0 on CPU, where the "
                                 "cores are the device, else one per core but one, at most 32); a resumed run "
                                 "keeps the count it started with")
@@ -70,6 +72,8 @@ class TrainConfig:
         for name in ("steps", "batch_size", "save_every", "keep", "model_parallel", "max_num_patches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{_flag(name)} {getattr(self, name)}: must be at least 1")
+        if self.image_size < 0:
+            raise ValueError(f"--image-size {self.image_size}: must be 0 (the model's own) or a size in pixels")
         if self.workers < -1:
             raise ValueError(f"--workers {self.workers}: must be -1 (automatic), 0 or more")
         for name in ("learning_rate", "end_learning_rate", "weight_decay", "clip_norm", "warmup_steps",

@@ -19,7 +19,6 @@ from typing import Sequence
 
 import numpy as np
 
-from .config import Siglip2Config
 from .data import ImagePreprocessor, make_loader, process_shard
 
 IMAGE_KEYS, CAPTION_KEYS = ("image", "path", "file"), ("caption", "text")
@@ -124,11 +123,10 @@ class PairTransform:
     max_length: int = 64
 
     @classmethod
-    def for_model(cls, config: Siglip2Config, tokenizer, max_num_patches: int = 256) -> "PairTransform":
-        v = config.vision
-        images = ImagePreprocessor(image_size=v.image_size, patch_size=v.patch_size,
-                                   max_num_patches=max_num_patches if v.naflex else None)
-        return cls(images, tokenizer, config.text.max_length)
+    def for_model(cls, pipeline) -> "PairTransform":
+        """The preprocessing of a loaded `Siglip2Pipeline`: its `preprocessor` (the checkpoint's processor
+        config, budget and image size) and its tokenizer."""
+        return cls(pipeline.preprocessor, pipeline.tokenizer, pipeline.config.text.max_length)
 
     def __call__(self, pair: Pair) -> dict:
         images = self.images([pair.image])  # a batch of one: take the one
