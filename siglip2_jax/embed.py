@@ -79,7 +79,7 @@ class EmbedResult:
 
 
 def embed(model, inputs: str | Path, out: str | Path, *, texts: bool = False, dtype: str = "float32",
-          batch_size: int = 128, part_size: int = 4096, max_num_patches: int | None = None, model_parallel: int = 1,
+          batch_size: int = 128, part_size: int | None = None, max_num_patches: int | None = None, model_parallel: int = 1,
           image_size: int | None = None, mesh=None, workers: int | None = None, progress: bool = True) -> EmbedResult:
     """Embeds INPUT (a folder, a text file of paths, or with `texts` a text file of captions) into OUT.
 
@@ -90,6 +90,8 @@ def embed(model, inputs: str | Path, out: str | Path, *, texts: bool = False, dt
         model_parallel) mesh).
     workers: decoding processes (0: decode in this process, while the devices compute). Default: 0 on
         CPU, one per CPU core but one (at most 32) with accelerators.
+    part_size: inputs per part (the unit of resuming). Default: the part size OUT was started with when
+        it is continued, else `default_part_size`.
     Raises EmbedError (bad arguments, or OUT made with another model, input or options). Call
     `distributed.initialize` first for a multi-host job.
     """
@@ -100,10 +102,12 @@ def embed(model, inputs: str | Path, out: str | Path, *, texts: bool = False, dt
 
     if dtype not in DTYPES:
         raise EmbedError(f"--dtype {dtype}: choose float32 or float16")
+    out = Path(os.path.abspath(out))
+    if part_size is None:
+        part_size = _started_part_size(out) or default_part_size(batch_size)
     for flag, value in (("--batch-size", batch_size), ("--part-size", part_size), ("--model-parallel", model_parallel)):
         if value < 1:
             raise EmbedError(f"{flag} {value}: must be at least 1")
-    out = Path(os.path.abspath(out))
     kind = "text" if texts else "image"
     listing, items = _list_inputs(inputs, texts, out)
     pipeline = model if isinstance(model, Siglip2Pipeline) else None
@@ -135,6 +139,8 @@ def embed(model, inputs: str | Path, out: str | Path, *, texts: bool = False, dt
 
     # Every process must deal the parts alike: all take process 0's view of which are done.
     done = distributed.agree(_done_parts(out, manifest["num_parts"]))
+    if done.any() and jax.process_index() == 0:
+        print(f"continuing {out}: {int(done.sum())} of {len(done)} parts already done", file=sys.stderr)
     pending = [part for part in range(manifest["num_parts"]) if not done[part]]
     mine = pending[jax.process_index()::jax.process_count()]
     _remove_stale_temporaries(out / "parts", set(mine))
@@ -144,18 +150,59 @@ def embed(model, inputs: str | Path, out: str | Path, *, texts: bool = False, dt
             # On CPU the devices are the cores: worker processes would take them from the model, while
             # this thread can decode the next batch as XLA's threads compute the current one.
             workers = 0 if jax.default_backend() == "cpu" else min(32, max(1, (os.cpu_count() or 2) - 1))
-        batches = iterate(make_loader(plans, DecodeBatch(preprocess), workers=workers))
-        if pipeline is None:
-            # Load and place the weights while the workers start and decode the first batch.
-            with concurrent.futures.ThreadPoolExecutor(1) as pool:
-                first = pool.submit(next, batches)
-                pipeline = load(model_source, mesh=mesh, max_num_patches=budget, image_size=size,
-                                batch_size=batch_size)
-                batches = itertools.chain([first.result()], batches)
-                del first  # holds the first batch
-        _embed_parts(pipeline, batches, manifest, sum(len(p["sources"]) for p in plans), out, progress)
+        loader = iterate(make_loader(plans, DecodeBatch(preprocess), workers=workers,
+                                     element_nbytes=_batch_nbytes(preprocess, items, batch_size)))
+        try:
+            batches = loader
+            if pipeline is None:
+                # Load and place the weights while the workers start and decode the first batch.
+                with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                    first = pool.submit(next, batches)
+                    pipeline = load(model_source, mesh=mesh, max_num_patches=budget, image_size=size,
+                                    batch_size=batch_size)
+                    batches = itertools.chain([first.result()], batches)
+                    del first  # holds the first batch
+            _embed_parts(pipeline, batches, manifest, sum(len(p["sources"]) for p in plans), out, progress)
+        finally:
+            # also on Ctrl-C: stop the workers and free their shared memory now (an exception's traceback
+            # would keep the loader alive until exit, and Python would report the blocks as leaked)
+            batches = None
+            loader.close()
     distributed.barrier("siglip2_jax.embed: all parts written")
     return _finish(out, manifest, write=jax.process_index() == 0)
+
+
+CPU_PART_SIZE = 256  # about a minute or two of a base model on a CPU: an interrupted run loses little
+
+
+def default_part_size(batch_size: int) -> int:
+    """Inputs per part when --part-size is not given: 4096 with accelerators; on CPU, where a base model
+    embeds a few images a second, 256 (or one batch, if larger), so that parts are saved every minute or
+    two rather than every half hour."""
+    import jax
+
+    return max(CPU_PART_SIZE, batch_size) if jax.default_backend() == "cpu" else 4096
+
+
+def _started_part_size(out: Path) -> int | None:
+    """The part size of the job OUT holds, if it holds one (so that it is continued without the flag)."""
+    try:
+        return int(read_manifest(out)["options"]["part_size"])
+    except (EmbedError, KeyError, TypeError, ValueError):
+        return None  # a new OUT; or one that `_open` refuses, naming why
+
+
+def _batch_nbytes(preprocess, items: list[str], batch_size: int) -> int | None:
+    """Bytes of one preprocessed batch, from the first of the first few inputs that can be read (None if
+    none can): bounds how far the loader reads ahead."""
+    from .data import nbytes
+
+    for item in items[:8]:
+        try:
+            return nbytes(preprocess([item])) * batch_size
+        except Exception:  # the loader refuses it later, with its reason
+            continue
+    return None
 
 
 def _plan_batches(parts: list[int], items: list[str], part_size: int, batch_size: int) -> list[dict]:
@@ -496,8 +543,10 @@ def register(commands) -> None:
     parser.add_argument("--texts", action="store_true", help="INPUT is a text file of captions, one per line")
     parser.add_argument("--dtype", default="float32", choices=DTYPES, help="stored precision (default float32)")
     parser.add_argument("--batch-size", type=positive_int, default=128, help="inputs per step over all local devices (default 128)")
-    parser.add_argument("--part-size", type=positive_int, default=4096,
-                        help="inputs per output part, the unit of resuming (default 4096)")
+    parser.add_argument("--part-size", type=positive_int, default=None,
+                        help="inputs per output part, the unit of resuming (default: the one OUT was started with "
+                             f"when continuing it; else 4096 with accelerators, and on CPU {CPU_PART_SIZE} or the "
+                             "batch size if larger, so that a part is saved every minute or two)")
     parser.add_argument("--max-num-patches", type=positive_int, default=None,
                         help="NaFlex models: patch budget per image (default: the checkpoint's, usually 256)")
     parser.add_argument("--image-size", type=positive_int, default=None,
@@ -528,6 +577,9 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, ValueError, RuntimeError) as error:
         print(f"error: {args.out}: {_first_line(error)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"interrupted: {_kept(args.out)}; run the same command to continue", file=sys.stderr)
+        return 130
     if not result.complete:
         print(f"error: {result.out}: parts of other processes are missing; is OUT on a file system all "
               "hosts share?", file=sys.stderr)
@@ -536,6 +588,18 @@ def run(args: argparse.Namespace) -> int:
     note = f", {len(result.refused)} refused (listed in {result.out / 'refused.jsonl'})" if result.refused else ""
     print(f"embedded {result.embedded} of {result.inputs} {kind} into {result.out}{note}", file=sys.stderr)
     return result.exit_status
+
+
+def _kept(out) -> str:
+    """What an interrupted run leaves in OUT: its finished parts (the batches of an unfinished part are
+    embedded again by the next run)."""
+    try:
+        manifest = read_manifest(out)
+    except EmbedError:
+        return f"nothing was saved in {out}"
+    done = _done_parts(Path(out), manifest["num_parts"])
+    rows = sum(len(_read_index(Path(out), int(part))["indices"]) for part in np.flatnonzero(done))
+    return f"{int(done.sum())} of {len(done)} parts ({rows} embeddings) are saved in {out}"
 
 
 def _first_line(error: BaseException) -> str:

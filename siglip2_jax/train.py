@@ -97,7 +97,7 @@ def batch_loss(model, batch: dict, mesh: Mesh | None = None) -> jax.Array:
 # Settings that do not change the compiled step: trainers that differ only in these share one compilation
 # (a resumed run, a notebook cell run again).
 NOT_IN_STEP = ("model", "data", "out", "seed", "save_every", "keep", "eval_every", "eval_holdout", "eval_data",
-               "max_num_patches", "workers")
+               "max_num_patches", "workers", "skip_bad_images")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -283,13 +283,20 @@ RUN_CONTROL = {"save_every", "keep", "eval_every", "workers", "export_hf"}  # ma
 
 def finetune(cfg: TrainConfig, *, on_step=None, progress: bool = True) -> FinetuneResult:
     """Fine-tune `cfg.model` on `cfg.data`, resuming from `cfg.out`'s last checkpoint if there is one, and
-    export OUT/model. `on_step(record)` is called after every step with its metrics (floats)."""
+    export OUT/model. `on_step(record)` is called after every step with its metrics (floats).
+
+    Everything is checked (settings, data, model, an OUT of another run) before anything is written to
+    OUT. Every step up to the latest checkpoint is in OUT/metrics.jsonl exactly once, also after a kill and
+    a resume. In the main thread, SIGINT (Ctrl-C) and SIGTERM stop the run at the end of the current step:
+    it is logged and saved, then `Interrupted` (a KeyboardInterrupt) is raised; a second signal stops at
+    once, keeping the last checkpoint. Multi-host: call `distributed.initialize` first; every process runs
+    the same call."""
     from flax import nnx
     from tqdm.auto import tqdm
 
     from .pipeline import load
     from .checkpoint import export_hf, save_checkpoint
-    from .train_data import PairTransform, pair_loader, read_pairs, split_holdout
+    from .train_data import PairTransform, SkippedImages, check_batch_size, pair_loader, read_pairs, split_holdout
 
     cfg.validate()
     out = Path(cfg.out)
@@ -302,7 +309,8 @@ def finetune(cfg: TrainConfig, *, on_step=None, progress: bool = True) -> Finetu
     if cfg.batch_size % mesh.shape["data"]:
         raise ValueError(f"--batch-size {cfg.batch_size} is not a multiple of the {mesh.shape['data']} "
                          f"data-parallel devices")
-    _record_run_config(out, cfg)
+    check_batch_size(len(pairs), cfg.batch_size)
+    _check_same_run(out, cfg)
 
     pipeline = load(cfg.model, mesh=mesh, max_num_patches=cfg.max_num_patches, image_size=cfg.image_size or None)
     if pipeline.tokenizer is None:
@@ -312,10 +320,17 @@ def finetune(cfg: TrainConfig, *, on_step=None, progress: bool = True) -> Finetu
     trainer = Trainer(config, nnx.to_pure_dict(nnx.state(pipeline.model, nnx.Param)), cfg, mesh)
     del pipeline  # its copy of the weights is no longer needed
 
+    # everything is checked: from here on, OUT is written
+    is_main = jax.process_index() == 0
+    _write_run_config(out, cfg, is_main)
     checkpoints = TrainCheckpoints(out / "checkpoints", cfg.keep)
     resumed = checkpoints.restore_latest(trainer)
+    if is_main:  # the steps after the checkpoint are run (and logged) again
+        _trim_metrics(out / "metrics.jsonl", trainer.step)
     workers = resumed["data"]["workers"] if resumed else _worker_count(cfg.workers)
-    batches = iter(pair_loader(pairs, transform, cfg.batch_size, seed=cfg.seed, workers=workers))
+    skipped = SkippedImages(out / "skipped_images.jsonl", len(pairs), cfg.batch_size,
+                            jax.process_index()) if cfg.skip_bad_images else None
+    batches = iter(pair_loader(pairs, transform, cfg.batch_size, seed=cfg.seed, workers=workers, skipped=skipped))
     if resumed:
         batches.set_state(resumed["data"]["loader"])
 
@@ -323,7 +338,6 @@ def finetune(cfg: TrainConfig, *, on_step=None, progress: bool = True) -> Finetu
         return {"loader": batches.get_state(), "workers": workers}
 
     history, evals = [], []
-    is_main = jax.process_index() == 0
     bar = tqdm(total=cfg.steps, initial=trainer.step, unit="step", disable=not progress or not is_main,
                dynamic_ncols=True, desc="resumed" if trainer.step else "fine-tuning")
     clock = {}
@@ -357,22 +371,24 @@ def finetune(cfg: TrainConfig, *, on_step=None, progress: bool = True) -> Finetu
         bar.write(f"step {trainer.step}: " + ", ".join(f"{k} {v:.3f}" for k, v in result.items() if k != "step"))
 
     try:
-        pending = None  # metrics are read one step late, so the host never waits for the device
-        while trainer.step < cfg.steps:
-            metrics = trainer.train_step(next(batches))
+        with _StopAtStepEnd(bar.write) as stop:
+            pending = None  # metrics are read one step late, so the host never waits for the device
+            while trainer.step < cfg.steps and not stop.requested:
+                metrics = trainer.train_step(next(batches))
+                if pending is not None:
+                    report(*pending)
+                pending = (trainer.step, metrics)
+                if trainer.step % cfg.save_every == 0 or stop.requested:
+                    report(*pending)  # a checkpointed step is always logged first
+                    pending = None
+                    checkpoints.save(trainer, data_state())
+                if eval_pairs and cfg.eval_every and trainer.step % cfg.eval_every == 0:
+                    run_eval()
             if pending is not None:
                 report(*pending)
-            pending = (trainer.step, metrics)
-            if trainer.step % cfg.save_every == 0:
-                checkpoints.save(trainer, data_state())
-            if eval_pairs and cfg.eval_every and trainer.step % cfg.eval_every == 0:
-                run_eval()
-        if pending is not None:
-            report(*pending)
-        checkpoints.save(trainer, data_state())
-    except KeyboardInterrupt:
-        checkpoints.save(trainer, data_state())
-        raise
+            checkpoints.save(trainer, data_state())
+            if stop.requested:
+                raise Interrupted(trainer.step, out / "checkpoints")
     finally:
         getattr(batches, "close", lambda: None)()  # stops the workers now, not at garbage collection
         checkpoints.close()
@@ -381,9 +397,9 @@ def finetune(cfg: TrainConfig, *, on_step=None, progress: bool = True) -> Finetu
     if eval_pairs and not (evals and evals[-1]["step"] == trainer.step):
         run_eval()
     exported = out / "model"
+    params = _host_params(trainer.params())  # every process takes part: the weights may be split over hosts
     if is_main:
-        save_checkpoint(exported, config, jax.device_get(trainer.params()), source=str(cfg.model),
-                        assets_from=assets_dir, overwrite=True)
+        save_checkpoint(exported, config, params, source=str(cfg.model), assets_from=assets_dir, overwrite=True)
         transform.images.save(exported)  # the settings it was trained with (its image size, its budget)
         if cfg.export_hf:
             export_hf(exported, out / "model-hf", overwrite=True)
@@ -398,51 +414,125 @@ def _worker_count(workers: int) -> int:
     return 0 if jax.default_backend() == "cpu" else min(32, max(1, (os.cpu_count() or 2) - 1))
 
 
-def _record_run_config(out: Path, cfg: TrainConfig) -> None:
-    """OUT/finetune_config.json; a resumed run must use the same settings (else it is not the same run)."""
+def _check_same_run(out: Path, cfg: TrainConfig) -> None:
+    """A run with a checkpoint in OUT is resumed only with the settings it was started with (else it is not
+    the same run). OUT without a checkpoint (a start that failed before its first save) is free."""
     path = out / "finetune_config.json"
-    settings = dataclasses.asdict(cfg)
-    if path.is_file() and (out / "checkpoints").is_dir():
-        saved = json.loads(path.read_text())
-        for name, value in settings.items():
-            if name not in RUN_CONTROL and name in saved and saved[name] != value:
-                raise ValueError(f"{out}: this run was started with --{_flag(name)} {saved[name]!r}, now "
-                                 f"{value!r}; resume it with the same settings, or use a new --out")
-    if jax.process_index() == 0:
+    steps = out / "checkpoints"
+    if not (path.is_file() and steps.is_dir() and any(p.name.isdigit() for p in steps.iterdir())):
+        return
+    saved = json.loads(path.read_text())
+    for name, value in dataclasses.asdict(cfg).items():
+        if name not in RUN_CONTROL and name in saved and saved[name] != value:
+            raise ValueError(f"{out}: this run was started with --{_flag(name)} {saved[name]!r}, now "
+                             f"{value!r}; resume it with the same settings, or use a new --out")
+
+
+def _write_run_config(out: Path, cfg: TrainConfig, is_main: bool) -> None:
+    """OUT/finetune_config.json: the settings, which `_check_same_run` compares a resumed run with."""
+    if is_main:
         out.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(settings, indent=2) + "\n")
+        (out / "finetune_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+
+
+def _trim_metrics(path: Path, step: int) -> None:
+    """Drops the records of steps after `step` (the checkpoint a run resumes from): they are run again and
+    logged again. Written under a temporary name, then renamed."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if line.strip() and _record_step(json.loads(line)) <= step]
+    if len(kept) != len(lines):
+        temporary = path.with_name(f".{path.name}.tmp")
+        temporary.write_text("".join(kept))
+        temporary.replace(path)
+
+
+def _record_step(record: dict) -> int:
+    return record["step"] if "step" in record else record["eval"]["step"]
+
+
+def _host_params(params: dict) -> dict:
+    """The params tree as numpy arrays on every process (gathered when they are split over processes)."""
+    if jax.process_count() == 1:
+        return jax.device_get(params)
+    from jax.experimental import multihost_utils
+
+    return jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)), params)
+
+
+class Interrupted(KeyboardInterrupt):
+    """A run stopped by SIGINT or SIGTERM at the end of a step, saved: run it again to resume."""
+
+    def __init__(self, step: int, checkpoints: Path):
+        super().__init__(step, checkpoints)
+        self.step, self.checkpoints = step, checkpoints
+
+
+class _StopAtStepEnd:
+    """Within `with`: SIGINT and SIGTERM set `requested` (the loop stops at the end of its step, which keeps
+    the parameters, the optimizer state, the step count and the data position in step with each other); a
+    second signal raises KeyboardInterrupt at once. Only the main thread can handle signals: elsewhere
+    this does nothing."""
+
+    SIGNALS = ("SIGINT", "SIGTERM")
+
+    def __init__(self, say):
+        self.say, self.requested, self.previous = say, False, {}
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        self.say("stopping at the end of this step to save a checkpoint (signal again to stop at once, "
+                 "unsaved)")
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for name in self.SIGNALS:
+                number = getattr(signal, name)
+                self.previous[number] = signal.signal(number, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
+        return False
 
 
 def run(args: argparse.Namespace) -> int:
-    import signal
-
     try:
         cfg = config_from_args(args)
     except ValueError as err:
         return _fail(err)
-    # preemptible machines get SIGTERM: treat it like Ctrl-C, which saves a checkpoint first
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    from . import distributed
+
     try:
+        # preemptible machines get SIGTERM: finetune treats it like Ctrl-C (a checkpoint at the end of the step)
+        distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
         result = finetune(cfg)
     except TrainingDiverged as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f"interrupted: checkpoint saved in {Path(cfg.out) / 'checkpoints'}; run the same command to resume",
+    except Interrupted as stopped:
+        print(f"interrupted: step {stopped.step} saved in {stopped.checkpoints}; run the same command to resume",
               file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print(f"interrupted at once: the last checkpoint in {Path(cfg.out) / 'checkpoints'} is kept; run the "
+              "same command to resume from it", file=sys.stderr)
         return 130
     except (ValueError, OSError) as err:
         return _fail(err)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     last = result.history[-1]["loss"] if result.history else float("nan")
     hf = f" and {Path(cfg.out) / 'model-hf'} (Hugging Face format)" if cfg.export_hf else ""
     print(f"trained {result.trainer.step} steps (final loss {last:.4f}); exported {result.exported}{hf}")
     return 0
-
-
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
 
 
 def _fail(err: BaseException) -> int:

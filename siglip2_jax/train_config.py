@@ -57,6 +57,8 @@ class TrainConfig:
     max_num_patches: int = _setting(256, "NaFlex models: patch budget per image")
     image_size: int = _setting(0, "FixRes models: train at this input size (the position table resized as "
                                   "transformers' interpolate_pos_encoding does); 0: the model's own")
+    skip_bad_images: bool = _setting(False, "leave out pairs whose image cannot be decoded (each listed in "
+                                            "OUT/skipped_images.jsonl and said once) instead of stopping")
     workers: int = _setting(-1, "image decoding processes (0: decode in this process; -1: 0 on CPU, where the "
                                 "cores are the device, else one per core but one, at most 32); a resumed run "
                                 "keeps the count it started with")
@@ -104,8 +106,12 @@ header row (image,caption); image paths are relative to the captions file.
 
 resuming: run the same command again. Training continues from the last checkpoint in OUT/checkpoints
 with the same batches, and ends with the same parameters as an uninterrupted run. Ctrl-C or SIGTERM
-saves a checkpoint first. Use the exported model like any other: siglip2_jax.load("runs/pets/model"),
-siglip2-jax classify runs/pets/model photo.jpg --labels ...
+stops at the end of the current step and saves a checkpoint first (a second one stops at once).
+Use the exported model like any other: siglip2_jax.load("runs/pets/model"), siglip2-jax classify
+runs/pets/model photo.jpg --labels ...
+
+multi-host: run the same command on every host with --coordinator-address, --num-processes and a
+distinct --process-id (or the JAX_* variables); the batches do not depend on the number of hosts.
 
 exit status: 0 trained and exported; 1 the loss became NaN or infinite; 2 bad flags, config file, data or
 model (one line on stderr naming it); 130 interrupted (a checkpoint was saved: run again to resume).
@@ -136,6 +142,9 @@ def register(commands) -> None:
             metavar = None if choices else METAVARS.get(field.name, {int: "N", float: "X"}.get(type(default)))
             parser.add_argument(f"--{_flag(field.name)}", type=type(default), default=None, help=help_text,
                                 choices=choices, metavar=metavar)
+    from .distributed import add_arguments as add_multi_host_arguments
+
+    add_multi_host_arguments(parser)
     parser.set_defaults(run=_run)
 
 

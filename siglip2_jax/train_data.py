@@ -19,7 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .data import ImagePreprocessor, make_loader, process_shard
+from .data import ImagePreprocessor, make_loader, process_shard, unreadable_reason
 
 IMAGE_KEYS, CAPTION_KEYS = ("image", "path", "file"), ("caption", "text")
 
@@ -135,15 +135,75 @@ class PairTransform:
 
 
 def pair_loader(pairs: Sequence[Pair], transform: PairTransform, global_batch: int, *, seed: int = 0,
-                workers: int = 0):
-    """Endless training batches (`siglip2_jax.data.make_loader`): this process's share of the pairs, in a
-    new seeded order every epoch, `global_batch / processes` pairs per batch, preprocessed in `workers`
+                workers: int = 0, skipped: "SkippedImages | None" = None):
+    """Endless training batches (`siglip2_jax.data.make_loader`): the pairs in a new seeded order every
+    epoch, cut into global batches of `global_batch`, of which this process gets its rows (`global_batch /
+    processes` pairs), preprocessed in `workers` processes. The batches do not depend on the number of
     processes. Its iterator's `get_state()` / `set_state()` resume it exactly; the state depends on the
-    number of workers, so a resumed run keeps the count it started with."""
+    number of workers, so a resumed run keeps the count it started with.
+
+    skipped: leave out the pairs whose image cannot be read (each recorded by `skipped`) instead of
+        stopping with the image's error. The next readable pairs take their places in the batches."""
     index, count = process_shard()
     if global_batch % count:
         raise ValueError(f"batch size {global_batch} does not split over {count} processes")
-    if len(pairs) < global_batch:
-        raise DataError(f"{len(pairs)} training pairs are fewer than one batch of {global_batch}")
-    return make_loader(pairs, transform, batch_size=global_batch // count, shard=(index, count), shuffle=True,
-                       seed=seed, num_epochs=None, drop_remainder=True, workers=workers)
+    check_batch_size(len(pairs), global_batch)
+    if skipped is not None:
+        transform = _OrUnreadable(transform)
+    return make_loader(pairs, transform, batch_size=global_batch // count, batch_share=(index, count),
+                       shuffle=True, seed=seed, num_epochs=None, drop_remainder=True, keep=skipped, workers=workers)
+
+
+def check_batch_size(num_pairs: int, global_batch: int) -> None:
+    if num_pairs < global_batch:
+        raise DataError(f"{num_pairs} training pairs are fewer than one batch of {global_batch}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Unreadable:
+    """Stands for a pair whose image could not be read (see `SkippedImages`)."""
+
+    image: str
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class _OrUnreadable:
+    """A pair transform that returns `Unreadable` instead of raising on an image that cannot be read."""
+
+    transform: PairTransform
+
+    def __call__(self, pair: Pair):
+        try:
+            return self.transform(pair)
+        except Exception as error:
+            return Unreadable(str(pair.image), unreadable_reason(error, pair.image))
+
+
+class SkippedImages:
+    """The `keep` filter of `pair_loader` with skipping: drops `Unreadable` pairs, appends each image to
+    `record` (JSONL: {"image", "reason", "process"}) and says so on stderr once per image, also over
+    resumed runs (the images already in `record` are not said again). Raises DataError when so many images
+    are unreadable that fewer readable pairs than one batch are left (the loader would wait forever)."""
+
+    def __init__(self, record: Path, num_pairs: int, global_batch: int, process: int = 0):
+        self.record, self.num_pairs, self.global_batch, self.process = Path(record), num_pairs, global_batch, process
+        self.seen = set()
+        if self.record.is_file():
+            self.seen = {json.loads(line)["image"] for line in self.record.read_text().splitlines() if line.strip()}
+
+    def __call__(self, element) -> bool:
+        if not isinstance(element, Unreadable):
+            return True
+        if element.image not in self.seen:
+            self.seen.add(element.image)
+            with self.record.open("a", encoding="utf-8") as file:
+                file.write(json.dumps({"image": element.image, "reason": element.reason, "process": self.process},
+                                      ensure_ascii=False) + "\n")
+            import sys
+
+            print(f"skipped: {element.image}: {element.reason} (recorded in {self.record})", file=sys.stderr)
+            if self.num_pairs - len(self.seen) < self.global_batch:
+                raise DataError(f"{len(self.seen)} of {self.num_pairs} training images cannot be read (listed in "
+                                f"{self.record}): fewer readable pairs than one batch of {self.global_batch}")
+        return False

@@ -97,7 +97,9 @@ def test_broken_files_are_listed_with_reasons_and_the_rest_embedded(fixres, tmp_
 
 def test_kill_9_at_random_moments_then_resume_is_bit_identical(fixres, model8, tmp_path):
     """SIGKILL the command at seeded random moments (during start-up, and at random points of its progress),
-    rerun it each time, and compare with an uninterrupted run: nothing missing, nothing twice, Δ = 0."""
+    rerun it each time, and compare with an uninterrupted run: nothing missing, nothing twice, Δ = 0.
+    First, Ctrl-C (SIGINT) once a part is done: the command stops within its batch and says what it kept,
+    and the next run says how many parts are already done."""
     root = tmp_path / "photos"
     paths = write_photos(root, 40, seed=2)
     args = ["embed", fixres[1], root, None, "--batch-size", "4", "--part-size", "4", "--workers", "1", "--no-progress"]
@@ -113,6 +115,17 @@ def test_kill_9_at_random_moments_then_resume_is_bit_identical(fixres, model8, t
     # the runs share a compilation cache: start-up is most of a run here
     env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax-cache"),
            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    process = subprocess.Popen([sys.executable, "-m", "siglip2_jax.cli", *map(str, args)], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    while _parts_done(out) < 1 and process.poll() is None:
+        time.sleep(0.005)
+    process.send_signal(signal.SIGINT)
+    _, said = process.communicate(timeout=60)
+    kept = _parts_done(out)
+    assert process.returncode == 130 and 1 <= kept < num_parts, (kept, said)
+    assert (f"interrupted: {kept} of {num_parts} parts ({4 * kept} embeddings) are saved in {out}; run the same "
+            "command to continue") in said.splitlines(), said
+    assert "Traceback" not in said
     for how, when in plan:
         process = subprocess.Popen([sys.executable, "-m", "siglip2_jax.cli", *map(str, args)], env=env,
                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -138,8 +151,10 @@ def test_kill_9_at_random_moments_then_resume_is_bit_identical(fixres, model8, t
         _assert_gone(children)  # decoding workers must not outlive their parent
     assert kills >= 5, parts_at_kill
     assert any(0 < n < num_parts for n in parts_at_kill), parts_at_kill  # some kills landed mid-way
+    done_before = _parts_done(out)
     final = cli(*args, env=env)
     assert final.returncode == 0, final.stderr
+    assert f"continuing {out}: {done_before} of {num_parts} parts already done" in final.stderr
     got_paths, got = read_embeddings(out)
     want_paths, want = read_embeddings(baseline.out)
     assert got_paths == want_paths == paths and len(set(got_paths)) == len(got_paths)  # none missing, none twice
@@ -209,6 +224,13 @@ def test_rerun_with_other_model_input_or_options_is_refused(fixres, model8, phot
         assert code == 2 and err.startswith("error: ") and needle in err, (options, err)
         assert len(err.strip().splitlines()) == 1, err
     assert {name: (out / "parts" / name).read_bytes() for name in os.listdir(out / "parts")} == before
+    # without --part-size, an OUT is continued with its own (older OUTs too: the format did not change)
+    code, err = _main(["embed", fixres[1], root, out, "--batch-size", "4"])
+    assert code == 0 and f"continuing {out}: 3 of 3 parts already done" in err, err
+    assert {name: (out / "parts" / name).read_bytes() for name in os.listdir(out / "parts")} == before
+    # and a new OUT on CPU gets parts small enough to be saved every minute or two
+    assert read_manifest(embed(model8, root, tmp_path / "new", batch_size=4, workers=0, progress=False).out)[
+        "options"]["part_size"] == 256
 
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "precious.txt").write_text("mine")

@@ -5,6 +5,7 @@ model loads; captions files, config files and the command's errors; notebook 3 r
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -161,19 +162,34 @@ def run_config(model, data, out, **overrides):
 
 
 def as_flags(settings):
-    return [f"--{k.replace('_', '-')}={v}" for k, v in settings.items()]
+    return [(f"--{'' if v else 'no-'}{k.replace('_', '-')}" if isinstance(v, bool) else f"--{k.replace('_', '-')}={v}")
+            for k, v in settings.items()]
 
 
 def test_killed_run_resumes_bitwise_identical_to_an_uninterrupted_one(tiny_model, shapes, tmp_path, capsys):
+    """Also: a failed start leaves OUT untouched; SIGINT stops at the end of a step, saved and logged; every
+    step is in metrics.jsonl once; an undecodable image is skipped (--skip-bad-images), recorded and said
+    once, and resuming stays exact."""
+    data = shapes.parent / "with_a_bad_image.jsonl"  # beside the images its paths are relative to
+    (tmp_path / "broken.png").write_bytes(b"")
+    data.write_text(shapes.read_text() + json.dumps({"image": str(tmp_path / "broken.png"), "caption": "a bad one"}) + "\n")
     # uninterrupted, in this process; eval on 4 held-out pairs
-    settings = run_config(tiny_model, shapes, tmp_path / "straight", eval_holdout=4)
+    settings = run_config(tiny_model, data, tmp_path / "straight", steps=6, eval_holdout=4, skip_bad_images=True)
     result = finetune(TrainConfig(**settings), progress=False)
-    assert [r["step"] for r in result.history] == [1, 2, 3, 4]
+    assert [r["step"] for r in result.history] == [1, 2, 3, 4, 5, 6]
     assert result.evals and 0 <= result.evals[-1]["image_to_text_recall@1"] <= 1
+    skipped = [json.loads(line) for line in (tmp_path / "straight" / "skipped_images.jsonl").read_text().splitlines()]
+    assert [(r["image"], r["reason"]) for r in skipped] == [(str(tmp_path / "broken.png"), "empty file")], skipped
+    assert capsys.readouterr().err.count("skipped: ") == 1
+
+    # a start that fails its checks writes nothing: the corrected command is not refused
+    killed = {**settings, "out": str(tmp_path / "killed"), "workers": 1}
+    status, _, err = run_cli(capsys, *as_flags({**killed, "batch_size": 64}))
+    assert status == 2 and "training pairs are fewer than one batch of 64" in err
+    assert not (tmp_path / "killed").exists()
 
     # the same run in another process, decoding in a worker process, killed (SIGKILL) after step 3 once
     # the (asynchronous) checkpoint of step 2 is complete
-    killed = {**settings, "out": str(tmp_path / "killed"), "workers": 1}
     script = textwrap.dedent(f"""
         import os, signal, time
         from siglip2_jax.train import TrainConfig, finetune
@@ -190,15 +206,39 @@ def test_killed_run_resumes_bitwise_identical_to_an_uninterrupted_one(tiny_model
     assert first.returncode == -9, first.stderr[-2000:]
     assert {p.name for p in (tmp_path / "killed" / "checkpoints").iterdir() if p.name.isdigit()} == {"2"}
     assert not (tmp_path / "killed" / "model").exists()
+    logged = [json.loads(line)["step"] for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    assert logged == [1, 2, 3]
 
-    # resumed by the command; everything it knows comes from the disk
+    # resumed by the command, and interrupted by SIGINT (Ctrl-C) in step 3 (the first after the checkpoint):
+    # the run stops at the end of a step, logs it, saves it, and says so
+    script = textwrap.dedent(f"""
+        import os, signal, sys
+        from siglip2_jax import cli, train
+        run = train.finetune
+        def ctrl_c_at_3(record):
+            if record["step"] == 3:
+                os.kill(os.getpid(), signal.SIGINT)
+        train.finetune = lambda cfg, **kwargs: run(cfg, on_step=ctrl_c_at_3, **kwargs)
+        sys.exit(cli.main(["finetune", *{as_flags(killed)!r}]))
+    """)
+    second = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO)
+    assert second.returncode == 130, second.stderr[-2000:]
+    saved = max(int(p.name) for p in (tmp_path / "killed" / "checkpoints").iterdir() if p.name.isdigit())
+    assert 3 <= saved < 6 and f"interrupted: step {saved} saved in" in second.stderr, second.stderr[-2000:]
+    assert "Traceback" not in second.stderr
+    logged = [json.loads(line)["step"] for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    assert logged == list(range(1, saved + 1))  # step 3 of the killed run dropped, then logged again
+
+    # resumed again by the command, in this process; everything it knows comes from the disk
     status, out, err = run_cli(capsys, *as_flags(killed))
     assert status == 0, err[-2000:]
     assert "resumed" in err and "exported" in out
     straight, resumed = (flatten(restore_params(tmp_path / d / "model")) for d in ("straight", "killed"))
     assert [k for k in straight if np.asarray(straight[k]).tobytes() != np.asarray(resumed[k]).tobytes()] == []
     records = [json.loads(line) for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records if "step" in r] == [1, 2, 3, 3, 4]  # killed after 3, resumed from 2
+    assert [r["step"] for r in records if "step" in r] == [1, 2, 3, 4, 5, 6]  # each step once
+    skipped = (tmp_path / "killed" / "skipped_images.jsonl").read_text().splitlines()
+    assert len(skipped) == 1 and (first.stderr + second.stderr + err).count("skipped: ") == 1
 
     # the export is an ordinary inference checkpoint, tokenizer included, and it changed
     model = siglip2_jax.load(tmp_path / "straight" / "model")
@@ -210,6 +250,61 @@ def test_killed_run_resumes_bitwise_identical_to_an_uninterrupted_one(tiny_model
     # resuming with other settings is not the same run: refused, naming the setting
     status, _, err = run_cli(capsys, *as_flags(killed), "--learning-rate=0.001")
     assert status == 2 and "started with --learning-rate 0.0003, now 0.001" in err
+
+
+def test_an_undecodable_image_stops_the_run_without_skip_bad_images(shapes, tmp_path):
+    """The loader, without and with skipping: one error naming the image, or the image left out and recorded."""
+    from siglip2_jax.data import ImagePreprocessor
+    from siglip2_jax.train_data import Pair, PairTransform, SkippedImages, pair_loader
+
+    (tmp_path / "broken.png").write_bytes(b"")
+    pairs = read_pairs(shapes)[:7] + [Pair(tmp_path / "broken.png", "a bad one")]
+    transform = PairTransform(ImagePreprocessor(image_size=32), _FakeTokenizer())
+    with pytest.raises(ValueError, match=f"{tmp_path / 'broken.png'}: empty file"):
+        list(zip(range(2), pair_loader(pairs, transform, 4)))
+    skipped = SkippedImages(tmp_path / "skipped.jsonl", len(pairs), 4)
+    batches = [b for _, b in zip(range(4), pair_loader(pairs, transform, 4, skipped=skipped))]
+    assert [b["images"].shape for b in batches] == [(4, 32, 32, 3)] * 4
+    assert [json.loads(line)["image"] for line in (tmp_path / "skipped.jsonl").read_text().splitlines()] == \
+        [str(tmp_path / "broken.png")]
+
+
+class _FakeTokenizer:
+    def encode(self, texts, max_length):
+        return np.zeros((len(texts), max_length), np.int32)
+
+
+def test_two_processes_equal_one_process(tiny_model, shapes, tmp_path):
+    """`finetune --coordinator-address ... --num-processes 2 --process-id I`: two processes of two CPU devices
+    each (jax.distributed over gloo on localhost) train on the same global batches as one process does."""
+    from test_sharded import _free_port
+
+    settings = run_config(tiny_model, shapes, tmp_path / "one")
+    finetune(TrainConfig(**settings), progress=False)
+    two = {**settings, "out": str(tmp_path / "two")}
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "HF_HUB_OFFLINE": "1"}
+    address = f"127.0.0.1:{_free_port()}"
+    processes = [subprocess.Popen(
+        [sys.executable, "-m", "siglip2_jax.cli", "finetune", *as_flags(two), "--coordinator-address", address,
+         "--num-processes", "2", "--process-id", str(i)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO) for i in range(2)]
+    try:
+        logs = [p.communicate(timeout=300) for p in processes]
+    finally:
+        for p in processes:
+            p.kill()
+    for p, (out, err) in zip(processes, logs):
+        assert p.returncode == 0, err[-3000:]
+    assert "exported" in logs[0][0]
+    one, two = (flatten(restore_params(tmp_path / d / "model")) for d in ("one", "two"))
+    worst = max(float(np.abs(np.asarray(one[k]) - np.asarray(two[k])).max()) for k in one)
+    print(f"\n2 processes x 2 devices vs 1 process x 8 devices, {settings['steps']} steps: max |param diff| {worst:.1e}")
+    # the same batches; only the order of the sums differs (4 devices or 8): Adam's updates (about the
+    # learning rate each) agree to a tenth of one, as in the FSDP test above
+    assert worst <= 0.1 * settings["learning_rate"]
+    losses = [[json.loads(line)["loss"] for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+              for d in ("one", "two")]
+    np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)
 
 
 # ---- captions files ------------------------------------------------------------------------------------

@@ -66,7 +66,12 @@ class CheckpointWriter:
         self.dtypes: set[str] = set()
         # jax arrays rather than numpy, and no compression (weights barely compress): Orbax then makes
         # one extra copy of an item while writing it instead of three, and writes 5x faster
-        self.checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=False))
+        # written by this process alone, also in a multi-host job (where `finetune` exports from process 0)
+        alone = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
+                                                   active_processes={jax.process_index()})
+        self.checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=False,
+                                                                         multiprocessing_options=alone),
+                                             multiprocessing_options=alone)
 
     def add(self, path: str, value) -> None:
         group = group_of(path)
@@ -74,7 +79,8 @@ class CheckpointWriter:
             raise ValueError(f"{path} is not a parameter of this config, or was added twice")
         self.pending[group].remove(path)
         self.dtypes.add(str(np.dtype(value.dtype)))
-        self.buffers.setdefault(group, {})[path] = jax.device_put(value)
+        # (Orbax refuses host-local jax arrays in a multi-host job: numpy there)
+        self.buffers.setdefault(group, {})[path] = jax.device_put(value) if jax.process_count() == 1 else np.asarray(value)
         if not self.pending[group]:
             items = nest(self.buffers.pop(group))
             self.checkpointer.save(self.staging / "params" / group, ocp.args.PyTreeSave(items))
