@@ -28,6 +28,8 @@ commands:
                                devices and hosts, resumable after any crash.
   search OUT "query"           rank an embedded collection by a text (or --image) query.
   finetune --model M --data D --out O   fine-tune on image-text pairs with the sigmoid loss (LiT too).
+  serve MODEL                  an OpenAI-compatible HTTP server: embeddings of texts and images,
+                               zero-shot classification and ranking, with dynamic batching.
 
 MODEL is a siglip2-jax checkpoint directory, a Hugging Face model directory, or a hub id
 (default google/siglip2-base-patch16-224; hub ids need a network the first time).
@@ -123,7 +125,8 @@ def _command_modules() -> list:
     from .embed import register as register_embed
     from .search import register as register_search
     from .train_config import register as register_finetune
-    return [register_embed, register_search, register_finetune]
+    from .serving.command import register as register_serve
+    return [register_embed, register_search, register_finetune, register_serve]
 
 
 CLASSIFY_EPILOG = """\

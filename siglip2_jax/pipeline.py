@@ -22,7 +22,8 @@ from .checkpoint import (is_checkpoint, iter_hf_params, read_checkpoint_config, 
 from .config import DEFAULT_MODEL, DEFAULT_TEMPLATE, ConfigError, Siglip2Config, check_template  # noqa: F401 (DEFAULT_MODEL: re-exported)
 from .images import ImagePreprocessor
 from .model.build import flatten, model_from_params, nest, unstack_layers
-from .sharding import batch_sharding, param_shardings
+from .engine import BatchEngine
+from .sharding import param_shardings
 
 
 
@@ -38,9 +39,6 @@ class PatchFeatures:
     mask: np.ndarray
     grid: np.ndarray
     patch_size: int
-
-
-CPU_TOKENS_PER_CALL = 2048
 
 
 class Siglip2Pipeline:
@@ -70,7 +68,12 @@ class Siglip2Pipeline:
         def text_embeds(state, token_ids):
             return nnx.merge(graphdef, state).encode_texts(token_ids)
 
-        self._image_embeds, self._image_tokens, self._text_embeds = map(jax.jit, (image_embeds, image_tokens, text_embeds))
+        tokens_per_row = {"text": config.text.max_length if config.text else 0}
+        if config.vision is not None:
+            image_tokens_per_row = max_num_patches if config.vision.naflex else config.vision.num_positions
+            tokens_per_row.update(image=image_tokens_per_row, image_tokens=image_tokens_per_row)
+        self.engine = BatchEngine({"image": jax.jit(image_embeds), "image_tokens": jax.jit(image_tokens),
+                                   "text": jax.jit(text_embeds)}, self._state, tokens_per_row, mesh)
 
     # ---- inputs -----------------------------------------------------------------------------------
     def preprocess(self, images) -> np.ndarray | dict:
@@ -89,7 +92,8 @@ class Siglip2Pipeline:
     # ---- embeddings -------------------------------------------------------------------------------
     def encode_images(self, images) -> np.ndarray:
         """Paths, bytes, PIL images or uint8 arrays -> (n, D) L2-normalized float32 embeddings."""
-        return self._map_batches(self._image_embeds, _as_list(images), self.preprocess)
+        self._require("vision")
+        return self.engine.map("image", map(self.preprocess, self._chunks(_as_list(images))))
 
     def encode_texts(self, texts: str | Sequence[str]) -> np.ndarray:
         """Strings -> (n, P) L2-normalized float32 embeddings (lowercased, tokenized, padded to 64)."""
@@ -97,15 +101,14 @@ class Siglip2Pipeline:
 
     def encode_token_ids(self, token_ids: np.ndarray) -> np.ndarray:
         self._require("text")
-        return self._map_batches(self._text_embeds, list(np.asarray(token_ids, np.int32)), np.stack)
+        return self.engine.map("text", self._chunks(np.asarray(token_ids, np.int32).reshape(-1, self.config.text.max_length)))
 
     def embed_preprocessed(self, inputs, kind: str = "image") -> jax.Array:
         """One batch that is already `preprocess`ed (kind="image") or `tokenize`d (kind="text") -> its
         embeddings on device, padded to the compiled batch size and not waited for: the caller overlaps
         the next batch's preparation with this one's compute, then takes `np.asarray(result)[:n]`."""
-        fn = self._image_embeds if kind == "image" else self._text_embeds
         self._require("vision" if kind == "image" else "text")
-        return self._dispatch(fn, inputs, len(jax.tree.leaves(inputs)[0]))
+        return self.engine.dispatch(kind, inputs).device_array
 
     def patch_features(self, images) -> PatchFeatures:
         """Dense per-patch features of each image, with each patch's (row, col)."""
@@ -115,7 +118,7 @@ class Siglip2Pipeline:
         for start in range(0, len(items), self.batch_size):
             inputs = self.preprocess(items[start:start + self.batch_size])
             n = len(items[start:start + self.batch_size])
-            tokens.append(self._run(self._image_tokens, inputs, n))
+            tokens.append(self.engine.run("image_tokens", inputs, n))
             if v.naflex:
                 masks.append(inputs["mask"].astype(bool))
                 grids.append(inputs["spatial_shapes"])
@@ -145,16 +148,16 @@ class Siglip2Pipeline:
             raise ValueError("zero_shot needs at least one label")
         check_template(template)  # a ValueError naming the template, not str.format's IndexError or KeyError
         texts = [template.format(label) for label in labels]
-        return _sigmoid(self.logits(self.encode_images(images), self.encode_texts(texts)))
+        return sigmoid(self.logits(self.encode_images(images), self.encode_texts(texts)))
 
     def rank_images(self, query: str, images, top_k: int | None = None) -> list[tuple[int, float]]:
         """Text -> image retrieval: (image index, probability) best first."""
-        probs = _sigmoid(self.logits(self.encode_images(images), self.encode_texts([query])))[:, 0]
+        probs = sigmoid(self.logits(self.encode_images(images), self.encode_texts([query])))[:, 0]
         return _top(probs, top_k)
 
     def rank_texts(self, image, texts: Sequence[str], top_k: int | None = None) -> list[tuple[int, float]]:
         """Image -> text retrieval: (text index, probability) best first."""
-        probs = _sigmoid(self.logits(self.encode_images([image]), self.encode_texts(list(texts))))[0]
+        probs = sigmoid(self.logits(self.encode_images([image]), self.encode_texts(list(texts))))[0]
         return _top(probs, top_k)
 
     def save(self, directory: str | Path, overwrite: bool = False) -> Path:
@@ -173,55 +176,9 @@ class Siglip2Pipeline:
             raise ValueError(f"this checkpoint has no {tower} tower")
         return cfg
 
-    def _bucket(self, n: int) -> int:
-        """The compiled batch size that holds n: a power of two (times the data-parallel size)."""
-        shards = self.mesh.shape["data"] if self.mesh is not None else 1
-        per_shard = -(-n // shards)
-        return shards * (1 << max(per_shard - 1, 0).bit_length())
-
-    def _put(self, batch):
-        if self.mesh is None:
-            return jax.tree.map(jnp.asarray, batch)
-        return jax.tree.map(lambda x: jax.device_put(x, batch_sharding(self.mesh, x.ndim)), batch)
-
-    def _run(self, fn, inputs, n: int) -> np.ndarray:
-        return np.asarray(self._dispatch(fn, inputs, n))[:n]
-
-    def _dispatch(self, fn, inputs, n: int) -> jax.Array:
-        size = self._bucket(n)
-        padded = jax.tree.map(lambda x: np.concatenate([x, np.zeros((size - n, *x.shape[1:]), x.dtype)]) if size > n else x, inputs)
-        if isinstance(padded, dict) and "spatial_shapes" in padded:
-            padded["spatial_shapes"][n:] = 1  # padding images: a 1x1 grid, never 0x0
-            padded["mask"][n:, 0] = 1
-        rows = min(size, self._rows_per_call(padded))
-        outs = [fn(self._state, self._put(jax.tree.map(lambda x: x[s:s + rows], padded))) for s in range(0, size, rows)]
-        return outs[0] if len(outs) == 1 else jnp.concatenate(outs)
-
-    def _rows_per_call(self, inputs) -> int:
-        """On CPU a batch runs as calls of at most CPU_TOKENS_PER_CALL tokens per device: past that the
-        activations fall out of the cache and every matmul slows down (measured here: So400m/14@384
-        0.53 images/s at batch 2-4, 0.40 at 8; B/16 texts 7.4/s at 32, 4.7 at 128). Accelerators take
-        the whole batch."""
-        if jax.default_backend() != "cpu":
-            return 1 << 62
-        if isinstance(inputs, dict):
-            tokens = inputs["patches"].shape[1]                      # NaFlex
-        elif inputs.ndim == 2:
-            tokens = inputs.shape[1]                                 # token ids
-        else:
-            tokens = self.config.vision.num_positions                # FixRes pixels
-        per_device = max(1, CPU_TOKENS_PER_CALL // tokens)
-        shards = self.mesh.shape["data"] if self.mesh is not None else 1
-        return shards * (1 << (per_device.bit_length() - 1))
-
-    def _map_batches(self, fn, items: list, prepare) -> np.ndarray:
-        if not items:
-            raise ValueError("nothing to encode: the input is empty")
-        chunks = [items[s:s + self.batch_size] for s in range(0, len(items), self.batch_size)]
-        # dispatch every batch before reading any result back: JAX runs them asynchronously, so the
-        # next batch is decoded and preprocessed while the previous one computes
-        pending = [(self._dispatch(fn, prepare(chunk), len(chunk)), len(chunk)) for chunk in chunks]
-        return np.concatenate([np.asarray(out)[:n] for out, n in pending])
+    def _chunks(self, items):
+        """Consecutive slices of at most batch_size items (lazily: the engine bounds what runs ahead)."""
+        return (items[s:s + self.batch_size] for s in range(0, len(items), self.batch_size))
 
 
 def load(source: str | Path = DEFAULT_MODEL, *, dtype=jnp.float32, mesh=None, max_num_patches: int | None = None,
@@ -290,7 +247,8 @@ def _as_list(images) -> list:
     return list(images)
 
 
-def _sigmoid(x: np.ndarray) -> np.ndarray:
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    """Logits -> probabilities; SigLIP's are independent per (image, text) pair, not a softmax."""
     return 1.0 / (1.0 + np.exp(-x))
 
 

@@ -11,7 +11,7 @@ import transformers
 from PIL import Image
 
 import siglip2_jax
-from siglip2_jax import pipeline as pipeline_module
+from siglip2_jax import engine as engine_module
 from siglip2_jax.checkpoint import SourceError
 from siglip2_jax.sharding import make_mesh
 from conftest import hf_dir_for, run_notebook
@@ -132,12 +132,12 @@ def test_cpu_batches_run_as_calls_of_few_tokens(fixres, photo_files, monkeypatch
     whole = siglip2_jax.load(fixres[1], mesh=mesh)
     images, texts = photo_files * 3, TEXTS * 5
     expected_images, expected_texts = whole.encode_images(images), whole.encode_texts(texts)
-    monkeypatch.setattr(pipeline_module, "CPU_TOKENS_PER_CALL", 1)   # one row per device per call
+    monkeypatch.setattr(engine_module, "CPU_TOKENS_PER_CALL", 1)   # one row per device per call
     calls = []
     split = siglip2_jax.load(fixres[1], mesh=mesh)
-    for name in ("_image_embeds", "_text_embeds"):
-        fn = getattr(split, name)
-        setattr(split, name, lambda state, x, fn=fn: calls.append(len(jax.tree.leaves(x)[0])) or fn(state, x))
+    for kind in ("image", "text"):
+        fn = split.engine.fns[kind]
+        split.engine.fns[kind] = lambda state, x, fn=fn: calls.append(len(jax.tree.leaves(x)[0])) or fn(state, x)
     assert np.abs(split.encode_images(images) - expected_images).max() <= 1e-6
     assert np.abs(split.encode_texts(texts) - expected_texts).max() <= 1e-6
     per_call = 1 if mesh is None else mesh.shape["data"]
@@ -175,3 +175,20 @@ def test_load_a_relative_checkpoint_path(fixres, photo_files, monkeypatch):
     monkeypatch.chdir(fixres[1].parent)
     model = siglip2_jax.load(fixres[1].name)
     assert model.encode_images(photo_files[:1]).shape[0] == 1
+
+
+@pytest.mark.parametrize("family", ["fixres", "naflex"])
+def test_an_embedding_does_not_depend_on_its_batch(family, fixres, tmp_path, tokenizer_model, photo_files):
+    """The same image or text gets the same bits alone, in a batch of 2, of 6 or in reverse order (what
+    the server promises when requests share a batch); XLA:CPU picks kernels by row count, so this holds
+    only because the pooling heads run in fixed row blocks."""
+    source = fixres[1] if family == "fixres" else hf_dir_for(tmp_path, "siglip2-base-patch16-naflex", tokenizer_model)
+    model = siglip2_jax.load(source, batch_size=8)
+    together = model.encode_images(photo_files)
+    alone = np.concatenate([model.encode_images([p]) for p in photo_files])
+    pairs = np.concatenate([model.encode_images(photo_files[i:i + 2]) for i in range(0, len(photo_files), 2)])
+    reverse = model.encode_images(photo_files[::-1])[::-1]
+    for other in (alone, pairs, reverse):
+        assert np.array_equal(together, other)
+    texts = model.encode_texts(TEXTS)
+    assert np.array_equal(texts, np.concatenate([model.encode_texts([t]) for t in TEXTS]))

@@ -30,8 +30,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from ..images import ImageError, load_image
-from ..pipeline import DEFAULT_TEMPLATE, sigmoid, template_error
+from ..images import ImageError
+from ..config import check_template
+from ..pipeline import DEFAULT_TEMPLATE, sigmoid
 from .batcher import DynamicBatcher
 from .inputs import FetchPolicy, ImageRef, InputError, Text, image_bytes, parse_item, parse_items
 
@@ -169,9 +170,12 @@ def create_app(pipeline, settings: ServerSettings) -> FastAPI:
             _all_of(images, ImageRef, "images", "an image (image_url part or data URL)")
             labels = _labels(body.get("labels"), settings.max_inputs_per_request)
             template = body.get("template", DEFAULT_TEMPLATE)
-            problem = template_error(template) if isinstance(template, str) else "must be a string"
-            if problem:
-                raise ApiError(400, f"template {template!r}: {problem}", param="template")
+            if not isinstance(template, str):
+                raise ApiError(400, "template: must be a string with one {} where the label goes", param="template")
+            try:
+                check_template(template)
+            except ValueError as error:
+                raise ApiError(400, str(error), param="template") from None
             top = _top(body.get("top"), len(labels))
             (image_vectors, image_tokens), (text_vectors, text_tokens) = await asyncio.gather(
                 state.embed(images, "images"), state.embed([Text(template.format(label)) for label in labels], "labels"))
@@ -361,11 +365,10 @@ class _State:
     def _prepare_image(self, ref: ImageRef):
         name = ref.name
         data = image_bytes(ref, name, self.settings.fetch)
-        try:
-            image = load_image(data)
+        try:  # decoded by the pipeline's own preprocessor: what encode_images does with the same bytes
+            inputs = self.pipeline.preprocess([data])
         except ImageError as error:
             raise InputError(f"{name}: {str(error).removeprefix('<bytes>: ')}", name) from None
-        inputs = self.pipeline.preprocess([image])
         row = jax.tree.map(lambda x: x[0], inputs)
         patches = int(row["mask"].sum()) if isinstance(row, dict) else self.pipeline.config.vision.num_positions
         return row, patches

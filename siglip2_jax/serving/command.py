@@ -77,6 +77,9 @@ def register(commands) -> None:
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
     parser.add_argument("--max-num-patches", type=_positive, default=None,
                         help="NaFlex models: patch budget per image (default: the checkpoint's, else 256)")
+    parser.add_argument("--image-size", type=_positive, default=None,
+                        help="FixRes models: serve at this input size, the position table resized as transformers' "
+                             "interpolate_pos_encoding does (default: the checkpoint's)")
     parser.add_argument("--model-parallel", type=_positive, default=1,
                         help="devices that share one model replica; the batch is split over the rest (default 1)")
     parser.add_argument("--decode-workers", type=_positive, default=min(4, os.cpu_count() or 1),
@@ -91,8 +94,13 @@ def register(commands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    try:
+        import fastapi  # noqa: F401
+        import prometheus_client  # noqa: F401
+        import uvicorn
+    except ImportError as error:
+        return _fail(f"serve needs {error.name}: pip install 'siglip2-jax[serve]'")
     import jax.numpy as jnp
-    import uvicorn
 
     from ..pipeline import load
     from ..sharding import make_mesh
@@ -104,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         mesh = make_mesh(model_parallel=args.model_parallel) if args.model_parallel > 1 or _devices() > 1 else None
         pipeline = load(args.model, dtype=getattr(jnp, args.dtype), mesh=mesh, max_num_patches=args.max_num_patches,
-                        batch_size=args.max_batch_size)
+                        image_size=args.image_size, batch_size=args.max_batch_size)
     except (ValueError, OSError) as error:
         return _fail(f"{args.model}: {error}" if str(args.model) not in str(error) else str(error))
     settings = ServerSettings(
