@@ -36,21 +36,19 @@ exit status: 0 after a clean shutdown (SIGTERM or Ctrl-C: requests in flight are
 """
 
 
-def _positive(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"{value!r}: must be a positive integer")
-    return number
-
-
 def _non_negative(value: str) -> float:
-    number = float(value)
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
     if not number >= 0:
-        raise argparse.ArgumentTypeError(f"{value!r}: must be >= 0")
+        raise argparse.ArgumentTypeError(f"{value}: must be at least 0")
     return number
 
 
 def register(commands) -> None:
+    from ..cli import int_at_least, positive_int  # counts of 0 or less are usage errors, not defaults
+
     parser = commands.add_parser(
         "serve", help="serve embeddings and zero-shot classification over HTTP (OpenAI-compatible)",
         description="Serve a SigLIP 2 model over HTTP: OpenAI-compatible embeddings for texts and images, "
@@ -59,36 +57,36 @@ def register(commands) -> None:
     parser.add_argument("model", metavar="MODEL", help="siglip2-jax checkpoint dir, Hugging Face dir or hub id")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s; "
                                                              "0.0.0.0 for every interface)")
-    parser.add_argument("--port", type=int, default=8000, help="port (default %(default)s; 0 picks a free one)")
+    parser.add_argument("--port", type=int_at_least(1), default=8000, help="port (default %(default)s)")
     parser.add_argument("--model-name", default=None, help="the id clients send as 'model' (default: MODEL as given)")
-    parser.add_argument("--max-batch-size", type=_positive, default=32,
+    parser.add_argument("--max-batch-size", type=positive_int, default=32,
                         help="most inputs of one kind per model batch; every bucket up to it is compiled at "
                              "start-up (default %(default)s)")
     parser.add_argument("--max-wait-ms", type=_non_negative, default=5.0,
                         help="longest an input waits for others to fill its batch (default %(default)s)")
-    parser.add_argument("--max-queue", type=_positive, default=256,
+    parser.add_argument("--max-queue", type=positive_int, default=256,
                         help="most requests in progress; past it requests get 429 + Retry-After (default %(default)s)")
-    parser.add_argument("--max-request-bytes", type=_positive, default=20 << 20,
+    parser.add_argument("--max-request-bytes", type=positive_int, default=20 << 20,
                         help="largest request body; larger ones get 413 (default %(default)s = 20 MiB)")
-    parser.add_argument("--max-inputs-per-request", type=_positive, default=256,
+    parser.add_argument("--max-inputs-per-request", type=positive_int, default=256,
                         help="most inputs (or labels) in one request (default %(default)s)")
     parser.add_argument("--api-key", default=os.environ.get("SIGLIP2_API_KEY"),
                         help="require 'Authorization: Bearer KEY' on /v1/* (default: $SIGLIP2_API_KEY; none if unset)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
-    parser.add_argument("--max-num-patches", type=_positive, default=None,
+    parser.add_argument("--max-num-patches", type=positive_int, default=None,
                         help="NaFlex models: patch budget per image (default: the checkpoint's, else 256)")
-    parser.add_argument("--image-size", type=_positive, default=None,
+    parser.add_argument("--image-size", type=positive_int, default=None,
                         help="FixRes models: serve at this input size, the position table resized as transformers' "
                              "interpolate_pos_encoding does (default: the checkpoint's)")
-    parser.add_argument("--model-parallel", type=_positive, default=1,
+    parser.add_argument("--model-parallel", type=positive_int, default=1,
                         help="devices that share one model replica; the batch is split over the rest (default 1)")
-    parser.add_argument("--decode-workers", type=_positive, default=min(4, os.cpu_count() or 1),
+    parser.add_argument("--decode-workers", type=positive_int, default=min(4, os.cpu_count() or 1),
                         help="threads decoding and preprocessing images off the event loop (default %(default)s)")
     parser.add_argument("--allow-url-fetch", action="store_true",
                         help="fetch http(s) image URLs named in requests (public addresses only)")
     parser.add_argument("--allow-private-urls", action="store_true",
                         help="with --allow-url-fetch, also fetch from loopback/private addresses (tests only)")
-    parser.add_argument("--fetch-max-bytes", type=_positive, default=20 << 20, help="largest fetched image")
+    parser.add_argument("--fetch-max-bytes", type=positive_int, default=20 << 20, help="largest fetched image")
     parser.add_argument("--fetch-timeout-s", type=_non_negative, default=10.0, help="timeout of one fetch")
     parser.set_defaults(run=run)
 
