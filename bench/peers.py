@@ -23,7 +23,9 @@ L2-normalized embeddings of the timed inputs are compared with transformers eage
 must agree within --atol (max |difference|), int8 reports its minimum cosine instead. A runtime that fails
 its check, or cannot run a workload (the ONNX export of NaFlex towers, for one), is listed with the reason
 and not timed. Each repetition runs every runtime once, in an order that rotates between repetitions, so
-load from other processes hits all alike; the table gives the median.
+load from other processes hits all alike; the table gives the median. GFLOP/s count the model's FLOPs (bench/speed.py's `model_flops`) for every
+runtime, int8 included, as a share of XLA's 2048^2 matmul or, with --limit, of bench/gemm_limit.py's
+fp32 limit for that tower.
 """
 
 from __future__ import annotations
@@ -162,7 +164,9 @@ def build_onnx_runtimes(tower: Tower, example: tuple, directory: Path, wanted: l
         print(f"  exported the {tower.kind} tower to ONNX in {time.perf_counter() - t:.0f} s", flush=True)
     except Exception as error:  # noqa: BLE001 - any exporter failure means the ONNX runtimes cannot run this tower
         return {}, {r: f"ONNX export failed: {first_line(error)}" for r in wanted}
-    for runtime, make in (("ort", ort_session), ("ort-int8", ort_int8_session), ("openvino", openvino_session)):
+    gc.collect()   # the exporter's copy of the weights
+    # int8 first: quantize_dynamic holds another copy of the fp32 graph while it runs, best before the other sessions
+    for runtime, make in (("ort-int8", ort_int8_session), ("ort", ort_session), ("openvino", openvino_session)):
         if runtime in wanted:
             try:
                 sessions[runtime] = make(path)
@@ -172,7 +176,7 @@ def build_onnx_runtimes(tower: Tower, example: tuple, directory: Path, wanted: l
 
 
 def bench_variant(key: str, kinds: list[str], batches: list[int], runtimes: list[str], reps: int, atol: float,
-                  weights: str, peak: float, limits: dict) -> list[dict]:
+                  weights: str, peak: float, limits: dict, pause: float) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
         directory = Path(tmp)
@@ -200,7 +204,8 @@ def bench_variant(key: str, kinds: list[str], batches: list[int], runtimes: list
                 x = ids if kind == "text" else images
                 args, feed = torch_args(kind, x), onnx_feed(kind, x)
                 calls = {
-                    "ours": lambda x=x: np.asarray(ours.embed_preprocessed(x, kind))[:batch],
+                    # as bench/speed.py times it: host arrays in, embeddings on the device (padded batch) out
+                    "ours": lambda x=x: jax.block_until_ready(ours.embed_preprocessed(x, kind)),
                     "eager": lambda a=args: towers["eager"](*a).numpy(),
                     "sdpa": lambda a=args: towers["sdpa"](*a).numpy(),
                     "compile": lambda a=args: compiled(*a).numpy(),
@@ -214,7 +219,7 @@ def bench_variant(key: str, kinds: list[str], batches: list[int], runtimes: list
                         continue
                     try:
                         t = time.perf_counter()
-                        out = normalized(calls[runtime]())   # also the warm-up (and compilation)
+                        out = normalized(np.asarray(calls[runtime]())[:batch])   # also the warm-up (and compilation)
                         warm = time.perf_counter() - t
                     except Exception as error:  # noqa: BLE001 - a runtime that fails on a workload is reported, not fatal
                         notes[runtime] = f"failed: {first_line(error)}"
@@ -235,6 +240,9 @@ def bench_variant(key: str, kinds: list[str], batches: list[int], runtimes: list
                 for rep in range(reps):
                     shift = rep % max(len(order), 1)
                     for runtime in order[shift:] + order[:shift]:
+                        # XLA's, ORT's, OpenVINO's and OpenMP's worker threads spin for a while after a call;
+                        # a pause keeps that off the next runtime's clock
+                        time.sleep(pause)
                         t = time.perf_counter()
                         timed_calls[runtime]()
                         samples[runtime].append(time.perf_counter() - t)
@@ -248,7 +256,8 @@ def bench_variant(key: str, kinds: list[str], batches: list[int], runtimes: list
                                    ours_over=(median[runtime] / median["ours"]) if "ours" in median else None)
                     rows.append(row)
                     print(format_row(workload, row, limits.get(f"{key} {kind}", peak)), flush=True)
-            sessions = compiled = None   # free this tower's sessions before the next tower's export
+            # free this tower's sessions (the calls hold them too) before the next tower's export
+            sessions = compiled = calls = timed_calls = None
             gc.collect()
     return rows
 
@@ -271,11 +280,14 @@ def main(argv=None):
     parser.add_argument("--atol", type=float, default=1e-4,
                         help="largest |difference| of normalized fp32 embeddings from transformers eager (default 1e-4)")
     parser.add_argument("--weights", choices=["trained", "init"], default="trained")
+    parser.add_argument("--pause", type=float, default=0.2, help="seconds of sleep before each timed call (default 0.2)")
     parser.add_argument("--limit", help="JSON written by bench/gemm_limit.py --json: GFLOP/s as a share of each "
                                         "tower's best-GEMM limit instead of XLA's 2048^2 matmul")
     args = parser.parse_args(argv)
     if any(b < 1 for b in args.batches) or args.reps < 1:
         parser.error("--batches and --reps must be >= 1")
+    if args.pause < 0:
+        parser.error("--pause must be >= 0")
     if any(r in ONNX_RUNTIMES for r in args.runtimes):
         missing = [m for m in ("onnx", "onnxruntime", "onnxscript", "openvino") if importlib.util.find_spec(m) is None]
         if missing:
@@ -301,7 +313,8 @@ def main(argv=None):
         print("best-GEMM limits (bench/gemm_limit.py): " + ", ".join(f"{k} {v:.0f}" for k, v in limits.items()), flush=True)
     print(f"{'runtime':>9} | {'workload':<28} | {'items/s':>9} | ours/runtime | {'GFLOP/s (' + share + ')':>16} | check", flush=True)
     for key in args.variants:
-        bench_variant(key, args.kinds, args.batches, args.runtimes, args.reps, args.atol, args.weights, peak, limits)
+        bench_variant(key, args.kinds, args.batches, args.runtimes, args.reps, args.atol, args.weights, peak, limits,
+                      args.pause)
 
 
 if __name__ == "__main__":
