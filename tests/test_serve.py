@@ -305,7 +305,10 @@ class _Images(BaseHTTPRequestHandler):
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        self.wfile.write(body)
+        try:
+            self.wfile.write(body)
+        except (BrokenPipeError, ConnectionResetError):  # the fetcher stopped reading at its size limit
+            pass
 
     def log_message(self, *args):
         pass
