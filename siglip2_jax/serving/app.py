@@ -31,6 +31,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from ..images import ImageError
+from .. import __version__
 from ..config import check_template
 from ..pipeline import DEFAULT_TEMPLATE, sigmoid
 from .batcher import DynamicBatcher
@@ -100,7 +101,7 @@ def create_app(pipeline, settings: ServerSettings) -> FastAPI:
         finally:
             state.stop()
 
-    app = FastAPI(title="siglip2-jax", version=_version(), lifespan=lifespan)
+    app = FastAPI(title="siglip2-jax", version=__version__, lifespan=lifespan)
 
     @app.exception_handler(ApiError)
     async def _api_error(request, error: ApiError):
@@ -412,12 +413,3 @@ def _top(top, count: int) -> int:
 
 def _best(scores: np.ndarray, top: int) -> np.ndarray:
     return np.argsort(-scores, kind="stable")[:top]
-
-
-def _version() -> str:
-    try:
-        from importlib.metadata import version
-        return version("siglip2-jax")
-    except Exception:  # noqa: BLE001 - not installed as a distribution
-        return "0"
-
