@@ -1,11 +1,14 @@
 """The batching engine: how a batch of ready inputs reaches the compiled towers and comes back.
 
 One component owns the decisions every caller used to make for itself:
-- **buckets**: a batch of n rows runs at the smallest compiled size that holds it, a power of two (times
-  the mesh's data-parallel size), so a process compiles log2(max batch) shapes per kind and no more;
+- **buckets**: every compiled batch size is a power of two (times the mesh's data-parallel size), so a
+  process compiles log2(max batch) shapes per kind and no more. On accelerators a batch of n rows runs as
+  one call at the smallest bucket that holds it;
+- **CPU micro-batching**: on CPU a batch runs as calls of at most `CPU_TOKENS_PER_CALL` tokens per device,
+  and the rows past the last full call as a sum of smaller buckets, so padding is never computed for
+  more than the data-parallel size minus one (`call_sizes`);
 - **padding**: the rows past n are zeros (NaFlex: a 1x1 grid with one valid patch, never an empty grid);
 - **placement**: rows are split over the mesh's "data" axis;
-- **CPU micro-batching**: on CPU a batch runs as calls of at most `CPU_TOKENS_PER_CALL` tokens per device;
 - **asynchronous dispatch with a bound**: `map` keeps at most `max_in_flight` batches on the device, so
   the next batch is prepared while one computes and host memory stays flat however long the input is.
 
@@ -65,15 +68,6 @@ class BatchEngine:
         per_shard = -(-n // self.data_parallel)
         return self.data_parallel * (1 << max(per_shard - 1, 0).bit_length())
 
-    def buckets(self, max_rows: int) -> list[int]:
-        """Every batch size a caller that sends at most `max_rows` rows can reach (what to compile ahead)."""
-        sizes, n = [], 1
-        while True:
-            sizes.append(self.bucket(n))
-            if sizes[-1] >= max_rows:
-                return sorted(set(sizes))
-            n = sizes[-1] + 1
-
     def rows_per_call(self, kind: str) -> int:
         """Rows one compiled call takes: the whole bucket on accelerators; on CPU at most
         CPU_TOKENS_PER_CALL tokens per device, rounded down to a power of two."""
@@ -82,20 +76,43 @@ class BatchEngine:
         per_device = max(1, CPU_TOKENS_PER_CALL // self.tokens_per_row[kind])
         return self.data_parallel * (1 << (per_device.bit_length() - 1))
 
+    def call_sizes(self, kind: str, n: int) -> list[int]:
+        """The compiled sizes of the calls that run n rows, in order.
+
+        Accelerators: one call, n padded up to its bucket. CPU: calls of `rows_per_call` rows, and the
+        rest as a sum of smaller buckets (largest first): 17 rows at 8 per call run as 8 + 8 + 1, not as
+        a bucket of 32 holding 15 rows of padding. A CPU computes padding rows at full cost, and an
+        embedding does not depend on the rows beside it (`model.layers.in_row_blocks`), so this changes
+        no result. Only the last call can hold padding, and then fewer rows than the data-parallel size."""
+        rows = self.rows_per_call(kind)
+        if rows >= self.bucket(n) and jax.default_backend() != "cpu":
+            return [self.bucket(n)]
+        sizes, left, unit = [], n, self.data_parallel
+        while left > 0:
+            size = min(rows, unit * (1 << ((max(left // unit, 1)).bit_length() - 1)))
+            sizes.append(size)
+            left -= size
+        return sizes
+
+    def buckets(self, kind: str, max_rows: int) -> list[int]:
+        """Every call size that batches of 1..max_rows rows of `kind` run at (what to compile ahead)."""
+        return sorted({size for n in range(1, max_rows + 1) for size in self.call_sizes(kind, n)})
+
     def dispatch(self, kind: str, inputs, n: int | None = None) -> Pending:
-        """Pad `inputs` (an array or a NaFlex dict, n rows) to its bucket, place it, run it; not waited for."""
+        """Pad `inputs` (an array or a NaFlex dict, n rows) to its call sizes, place it, run it; not waited for."""
         if kind not in KINDS:
             raise ValueError(f"unknown input kind {kind!r}: expected one of {KINDS}")
         n = len(jax.tree.leaves(inputs)[0]) if n is None else n
-        size = self.bucket(n)
-        padded = jax.tree.map(lambda x: _pad_rows(np.asarray(x), size), inputs)
-        if isinstance(padded, dict):  # NaFlex padding images: a 1x1 grid with one valid patch, never 0x0
-            padded["spatial_shapes"][n:] = 1
-            padded["mask"][n:, 0] = 1
-        rows = min(size, self.rows_per_call(kind))
-        fn = self.fns[kind]
-        return Pending([fn(self.state, self._place(jax.tree.map(lambda x: x[s:s + rows], padded)))
-                        for s in range(0, size, rows)], n)
+        fn, outputs, start = self.fns[kind], [], 0
+        for size in self.call_sizes(kind, n):
+            rows = min(size, n - start)
+            chunk = jax.tree.map(lambda x: _pad_rows(np.asarray(x[start:start + rows]), size), inputs)
+            if isinstance(chunk, dict):  # NaFlex padding images: a 1x1 grid with one valid patch, never 0x0
+                chunk["spatial_shapes"][rows:] = 1
+                chunk["mask"][rows:, 0] = 1
+            outputs.append(fn(self.state, self._place(chunk)))
+            start += size
+        return Pending(outputs, n)
 
     def run(self, kind: str, inputs, n: int | None = None) -> np.ndarray:
         """`dispatch` and wait: (n, ...) numpy array."""

@@ -80,12 +80,14 @@ def test_any_batch_size_compiles_a_few_shapes_once(fixres):
         lambda event, *_, **__: compiles.append(event) if event == "/jax/core/compile/backend_compile_duration" else None)
     rng = np.random.default_rng(0)
     pictures = [rng.integers(0, 256, (50, 60, 3), dtype=np.uint8) for _ in range(21)]
+    model.encode_images(pictures[:7])       # the image tower at 4 + 2 + 1 rows (CPU) or 8 (accelerators)
     model.encode_images(pictures[:8])
     after_first = len(compiles)
-    for n in (7, 5, 8, 6):                 # all in the bucket of 8: nothing new
+    assert model.engine.fns["image"]._cache_size() <= 4   # log2(8) + 1 sizes at most: 1, 2, 4, 8
+    for n in (7, 5, 8, 6, 3, 1):           # every count up to the batch size: nothing new
         model.encode_images(pictures[:n])
     assert len(compiles) == after_first
-    embeds = model.encode_images(pictures)  # 8 + 8 + 5 -> buckets 8, 8, 8
+    embeds = model.encode_images(pictures)  # 8 + 8 + 5 rows
     assert len(compiles) == after_first and embeds.shape[0] == 21
     np.testing.assert_allclose(embeds[:7], model.encode_images(pictures[:7]), atol=1e-6)
 
@@ -142,6 +144,26 @@ def test_cpu_batches_run_as_calls_of_few_tokens(fixres, photo_files, monkeypatch
     assert np.abs(split.encode_texts(texts) - expected_texts).max() <= 1e-6
     per_call = 1 if mesh is None else mesh.shape["data"]
     assert set(calls) == {per_call} and len(calls) > 2
+
+
+def test_cpu_runs_no_bucket_of_padding(fixres, photo_files, monkeypatch):
+    """On CPU the rows past the last full call run as smaller buckets, not padded up to a bigger one:
+    7 rows at 4 per call cost calls of 4 + 2 + 1 rows (no padding row), with the embeddings of one call."""
+    model = siglip2_jax.load(fixres[1])
+    images = (photo_files * 4)[:7]
+    expected = model.encode_images(images)
+    monkeypatch.setattr(engine_module, "CPU_TOKENS_PER_CALL", 4 * model.engine.tokens_per_row["image"])
+    assert model.engine.call_sizes("image", 7) == [4, 2, 1]
+    assert model.engine.call_sizes("image", 17) == [4, 4, 4, 4, 1]
+    assert model.engine.buckets("image", 17) == [1, 2, 4]
+    calls = []
+    fn = model.engine.fns["image"]
+    model.engine.fns["image"] = lambda state, x: calls.append(len(x)) or fn(state, x)
+    np.testing.assert_array_equal(model.engine.run("image", model.preprocess(images)), expected)
+    assert calls == [4, 2, 1]
+    mesh = make_mesh()  # 8 data shards: padding only inside the last call, fewer rows than the shards
+    sharded = siglip2_jax.load(fixres[1], mesh=mesh)
+    assert sharded.engine.call_sizes("image", 7) == [8] and sharded.engine.call_sizes("image", 33) == [32, 8]
 
 
 def test_naflex_pipeline(tmp_path, tokenizer_model, photo_files):

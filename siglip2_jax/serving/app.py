@@ -237,7 +237,7 @@ class _State:
             engine, started = self.pipeline.engine, time.perf_counter()
             for kind in self.kinds():
                 row = jax.tree.map(lambda x: x[0], self._sample(kind))
-                for size in engine.buckets(self.settings.max_batch_size):
+                for size in engine.buckets(kind, self.settings.max_batch_size):
                     engine.run(kind, jax.tree.map(lambda x: np.stack([x] * size), row), size)
             self.ready.set()
             print(f"siglip2-jax serve: ready ({time.perf_counter() - started:.1f} s to compile)", file=sys.stderr,
