@@ -125,9 +125,10 @@ def photos(count: int) -> list[bytes]:
     return out
 
 
-def start_server(pipeline, max_batch_size: int, max_wait_ms: float) -> tuple[uvicorn.Server, str]:
+def start_server(pipeline, max_batch_size: int, max_wait_ms: float, decode_workers: int | None = None
+                 ) -> tuple[uvicorn.Server, str]:
     settings = ServerSettings(model_name="bench", max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
-                              max_queue=4096)
+                              max_queue=4096, decode_workers=decode_workers)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(pipeline, settings), host="127.0.0.1", port=port,
                                            log_level="warning"))
@@ -185,6 +186,8 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
+    parser.add_argument("--decode-workers", type=int, default=None, help="the server's decode threads (default: "
+                                                                         "serve's, the cores up to 4)")
     parser.add_argument("--price-per-hour", type=float, default=DEFAULT_PRICE,
                         help=f"machine price for the cost column (default ${DEFAULT_PRICE}/h, a 2-vCPU x86 VM)")
     parser.add_argument("--json", help="also write the rows to this file")
@@ -204,7 +207,7 @@ def main(argv=None) -> None:
               f"{f' ({args.layers} layers)' if args.layers else ''}; max batch {args.max_batch_size}, "
               f"max wait {args.max_wait_ms} ms", flush=True)
         started = time.perf_counter()
-        server, url = start_server(pipeline, args.max_batch_size, args.max_wait_ms)
+        server, url = start_server(pipeline, args.max_batch_size, args.max_wait_ms, args.decode_workers)
         print(f"# server ready in {time.perf_counter() - started:.1f} s (every bucket compiled)", flush=True)
         jpegs = photos(16)
         sides = {"ours": (url + "/v1", request_bodies(jpegs, "bench", False))}

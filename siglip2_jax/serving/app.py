@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import hmac
 import json
+import os
 import sys
 import threading
 import time
@@ -51,7 +52,7 @@ class ServerSettings:
     max_queue: int = 256
     max_request_bytes: int = 20 << 20
     max_inputs_per_request: int = 256
-    decode_workers: int = 4
+    decode_workers: int | None = None  # None: the cores, at most 4
     fetch: FetchPolicy = FetchPolicy()
 
 
@@ -218,7 +219,8 @@ class _State:
     def __init__(self, pipeline, settings: ServerSettings, metrics: _Metrics):
         self.pipeline, self.settings, self.metrics = pipeline, settings, metrics
         self.batcher: DynamicBatcher | None = None
-        self.pool = concurrent.futures.ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="siglip2-decode")
+        workers = settings.decode_workers or min(4, os.cpu_count() or 1)
+        self.pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="siglip2-decode")
         self.ready = threading.Event()
         self.error: str | None = None
         self.in_progress = 0

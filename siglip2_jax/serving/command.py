@@ -80,8 +80,8 @@ def register(commands) -> None:
                              "interpolate_pos_encoding does (default: the checkpoint's)")
     parser.add_argument("--model-parallel", type=positive_int, default=1,
                         help="devices that share one model replica; the batch is split over the rest (default 1)")
-    parser.add_argument("--decode-workers", type=positive_int, default=min(4, os.cpu_count() or 1),
-                        help="threads decoding and preprocessing images off the event loop (default %(default)s)")
+    parser.add_argument("--decode-workers", type=positive_int, default=None,
+                        help="threads decoding and preprocessing images off the event loop (default: the cores, at most 4)")
     parser.add_argument("--allow-url-fetch", action="store_true",
                         help="fetch http(s) image URLs named in requests (public addresses only)")
     parser.add_argument("--allow-private-urls", action="store_true",
