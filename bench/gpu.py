@@ -1,0 +1,189 @@
+"""Everything a lent GPU should measure, in one run of a few minutes: bf16 towers against transformers
+(sdpa, and sdpa under `torch.compile`) on the same GPU, MFU, `embed` end to end, and cost per 1,000 images.
+
+    python bench/gpu.py                                  # So400m/14@384, B/16@224, NaFlex So400m/16 @256
+    python bench/gpu.py --price-per-hour 3.5 --peak-tflops 989    # the machine's price and bf16 dense peak
+    python bench/gpu.py --variants b16-224 --batch 2 --reps 1 --images 8 --no-compile   # a CPU smoke run
+
+For each variant, with random weights at full size built by bench/speed.py's `reference_model` (the same
+weights on both sides), in one process and alternating rounds:
+  ours      `Siglip2Pipeline.embed_preprocessed` in bfloat16 (host arrays in, embeddings on the device)
+  sdpa      transformers, attn_implementation="sdpa", bfloat16, on the same GPU
+  compile   the same under `torch.compile` (inductor)
+The weights are redrawn at trained magnitude (tests/reference.py's `trained_size_`, as bench/peers.py does),
+and every side's embeddings are compared with transformers fp32 first (minimum cosine). MFU is the model's FLOPs
+(bench/speed.py's `model_flops`) per second over --peak-tflops (default: the H200's 989 TFLOP/s bf16 dense,
+from NVIDIA's datasheet; our own 8192^2 bf16 matmul is printed beside it). ONNX Runtime CUDA is run when
+`onnxruntime-gpu` is installed; otherwise the script says so.
+
+`embed` end to end: --images 640x480 JPEG files in a folder -> `siglip2_jax.embed.embed` (listing, decoding
+in worker processes, the model, parts written to disk) with the B/16@224 model, timed after a warm-up
+run; cost per 1,000 images = --price-per-hour / 3600 / (images/s) * 1000.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+
+import siglip2_jax
+from peers import Tower, normalized, torch_args, trained_size_
+from speed import VARIANTS, inputs, model_flops, reference_model
+
+VARIANTS = {**VARIANTS, "naflex-so400m16-256": "siglip2-so400m-patch16-naflex"}
+H200_BF16_DENSE_TFLOPS = 989.0   # NVIDIA H200 SXM datasheet, dense (without sparsity)
+
+
+def bf16_matmul_tflops(n: int = 8192, reps: int = 10) -> float:
+    a = jnp.ones((n, n), jnp.bfloat16)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    t = time.perf_counter()
+    for _ in range(reps):
+        out = f(a)
+    out.block_until_ready()
+    return 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e12
+
+
+def cosine(a, b) -> float:
+    a, b = normalized(a), normalized(b)
+    return float(np.min(np.sum(a * b, -1)))
+
+
+def on(device, args: tuple, dtype) -> tuple:
+    """`torch_args` on the device, floating tensors in `dtype` (ids, masks and shapes keep theirs)."""
+    return tuple(a.to(device, dtype) if a.is_floating_point() else a.to(device) for a in args)
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench_variant(key: str, batch: int, reps: int, use_compile: bool, peak: float, device) -> list[dict]:
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
+        references = reference_model(VARIANTS[key], tmp, torch.float32)
+        fp32 = references["eager"]
+        trained_size_(fp32)   # weights of trained magnitude: the default init's hide bf16 error (see peers.py)
+        fp32.save_pretrained(tmp)
+        references["sdpa"].load_state_dict(fp32.state_dict())
+        sdpa = references["sdpa"].to(device, torch.bfloat16)
+        ours = siglip2_jax.load(tmp, dtype=jnp.bfloat16)
+        naflex = ours.config.vision.naflex
+        for kind in ("image", "text"):
+            images, ids = inputs(ours.config, batch)
+            x = ids if kind == "text" else images
+            args = torch_args(kind, x)
+            truth = Tower(fp32, kind, naflex)(*args).numpy()
+            tower, device_args = Tower(sdpa, kind, naflex).eval(), on(device, args, torch.bfloat16)
+            calls = {"ours": lambda x=x, kind=kind: np.asarray(ours.embed_preprocessed(x, kind))[:batch],
+                     "sdpa": lambda: tower(*device_args).float().cpu().numpy()}
+            if use_compile:
+                compiled = torch.compile(tower)
+                calls["compile"] = lambda: compiled(*device_args).float().cpu().numpy()
+            notes = {name: f"cos {cosine(call(), truth):.5f}" for name, call in calls.items()}  # also the warm-up
+            samples = {name: [] for name in calls}
+            for rep in range(reps):
+                order = list(calls)[rep % len(calls):] + list(calls)[:rep % len(calls)]
+                for name in order:
+                    synchronize(device)
+                    t = time.perf_counter()
+                    calls[name]()
+                    synchronize(device)
+                    samples[name].append(time.perf_counter() - t)
+            median = {name: statistics.median(times) for name, times in samples.items()}
+            flops = batch * model_flops(ours.config, kind, ours.config.vision.num_positions)
+            for name, seconds in median.items():
+                rows.append(dict(variant=key, kind=kind, batch=batch, runtime=name, per_s=batch / seconds,
+                                 mfu=flops / seconds / 1e12 / peak, note=notes[name],
+                                 ours_over=seconds / median["ours"]))
+            best_torch = min((n for n in median if n != "ours"), key=median.get)
+            line = "  ".join(f"{r['runtime']} {r['per_s']:8.1f}/s MFU {r['mfu']:5.1%} ({r['note']})"
+                             for r in rows[-len(median):])
+            print(f"{key:>20} {kind:>5} b={batch}: {line}  ours/{best_torch} {median[best_torch] / median['ours']:.2f}x",
+                  flush=True)
+    return rows
+
+
+def photos(folder: Path, count: int) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True)
+    for i in range(count):
+        pixels = (np.cumsum(rng.integers(0, 9, (480, 640, 3)), axis=1) % 256).astype(np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, "JPEG", quality=90)
+        (folder / f"{i:06d}.jpg").write_bytes(buffer.getvalue())
+
+
+def bench_embed(count: int, batch: int, price: float) -> dict:
+    from siglip2_jax.embed import embed
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        reference_model(VARIANTS["b16-224"], str(tmp / "hf"), torch.float32)
+        pipeline = siglip2_jax.load(tmp / "hf", dtype=jnp.bfloat16, batch_size=batch)
+        photos(tmp / "photos", count)
+        embed(pipeline, tmp / "photos", tmp / "warm-up", batch_size=batch, progress=False)   # compiles
+        t = time.perf_counter()
+        result = embed(pipeline, tmp / "photos", tmp / "out", batch_size=batch, progress=False)
+        seconds = time.perf_counter() - t
+    rate = count / seconds
+    row = dict(images=count, seconds=seconds, images_per_s=rate, dollars_per_1k=price / 3600 / rate * 1000,
+               price_per_hour=price, exit_status=result.exit_status)
+    print(f"embed end to end (B/16@224 bf16, {count} JPEGs 640x480 -> parts on disk): {rate:.0f} images/s, "
+          f"${row['dollars_per_1k']:.5f} per 1,000 images at ${price}/h", flush=True)
+    return row
+
+
+def onnxruntime_cuda_note() -> str:
+    try:
+        import onnxruntime
+    except ImportError:
+        return "ONNX Runtime CUDA: not run (onnxruntime-gpu is not installed)"
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        return f"ONNX Runtime CUDA: not run (providers: {onnxruntime.get_available_providers()})"
+    return "ONNX Runtime CUDA: available; run bench/peers.py's ort runtime with the CUDA provider"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variants", nargs="+", default=["so400m14-384", "b16-224", "naflex-so400m16-256"],
+                        choices=VARIANTS)
+    parser.add_argument("--batch", type=int, default=64, help="rows per timed call (default 64)")
+    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile (minutes of compiling)")
+    parser.add_argument("--images", type=int, default=2048, help="JPEGs for the embed run (default 2048)")
+    parser.add_argument("--price-per-hour", type=float, default=3.5,
+                        help="the machine's price in $/h for the cost column (default 3.5: an assumed on-demand "
+                             "H200 price; state the real one)")
+    parser.add_argument("--peak-tflops", type=float, default=H200_BF16_DENSE_TFLOPS,
+                        help="the accelerator's bf16 dense peak for MFU (default: H200, 989)")
+    parser.add_argument("--json", help="also write every row to this file")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    print(f"{jax.devices()[0].device_kind} x{jax.device_count()} (jax {jax.__version__}), torch {torch.__version__} on "
+          f"{device}; bf16 8192^2 matmul {bf16_matmul_tflops():.0f} TFLOP/s, MFU against {args.peak_tflops:g}",
+          flush=True)
+    rows = [r for key in args.variants
+            for r in bench_variant(key, args.batch, args.reps, not args.no_compile, args.peak_tflops, device)]
+    embed_row = bench_embed(args.images, args.batch, args.price_per_hour)
+    print(onnxruntime_cuda_note(), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"towers": rows, "embed": embed_row}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
