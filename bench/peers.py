@@ -7,6 +7,7 @@
 
 Runtimes (--runtimes):
   ours      `Siglip2Pipeline.embed_preprocessed`, as bench/speed.py times it
+  ours-bf16 the same with `load(..., dtype=bfloat16)`: bf16 matmul inputs, float32 accumulation
   eager     transformers, attn_implementation="eager"
   sdpa      transformers, attn_implementation="sdpa"
   compile   transformers sdpa under `torch.compile` (inductor; compiling takes minutes on 2 cores)
@@ -20,11 +21,11 @@ Weights are random, full size, built from configs/ by bench/speed.py's `referenc
 redrawn at trained magnitude with tests/reference.py's `trained_size_` (the default init's tiny weights make
 every runtime agree and hide errors; --weights init keeps speed.py's weights). Before a runtime is timed its
 L2-normalized embeddings of the timed inputs are compared with transformers eager in fp32: fp32 runtimes
-must agree within --atol (max |difference|), int8 reports its minimum cosine instead. A runtime that fails
+must agree within --atol (max |difference|), ours-bf16 and ort-int8 report their minimum cosine instead. A runtime that fails
 its check, or cannot run a workload (the ONNX export of NaFlex towers, for one), is listed with the reason
 and not timed. Each repetition runs every runtime once, in an order that rotates between repetitions, so
 load from other processes hits all alike; the table gives the median. GFLOP/s count the model's FLOPs (bench/speed.py's `model_flops`) for every
-runtime, int8 included, as a share of XLA's 2048^2 matmul or, with --limit, of bench/gemm_limit.py's
+runtime, bf16 and int8 included, as a share of XLA's 2048^2 matmul or, with --limit, of bench/gemm_limit.py's
 fp32 limit for that tower.
 """
 
@@ -54,7 +55,8 @@ from speed import VARIANTS, inputs, matmul_peak_gflops, model_flops, reference_m
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.reference import trained_size_  # noqa: E402
 
-RUNTIMES = ("ours", "eager", "sdpa", "compile", "ort", "ort-int8", "openvino")
+RUNTIMES = ("ours", "ours-bf16", "eager", "sdpa", "compile", "ort", "ort-int8", "openvino")
+REDUCED = ("ours-bf16", "ort-int8")   # reduced precision: reported by cosine, not held to --atol
 ONNX_RUNTIMES = ("ort", "ort-int8", "openvino")
 CORES = os.cpu_count() or 1
 
@@ -188,6 +190,7 @@ def bench_variant(key: str, kinds: list[str], batches: list[int], runtimes: list
         # sdpa shares eager's tensors: one copy of the weights in memory, identical on both
         references["sdpa"].load_state_dict(eager.state_dict(), assign=True)
         ours = siglip2_jax.load(str(directory / "hf"), dtype=jax.numpy.float32)
+        ours_bf16 = siglip2_jax.load(str(directory / "hf"), dtype=jax.numpy.bfloat16) if "ours-bf16" in runtimes else None
         naflex = ours.config.vision is not None and ours.config.vision.naflex
         for kind in kinds:
             towers = {impl: Tower(m, kind, naflex).eval() for impl, m in references.items()}
@@ -206,6 +209,7 @@ def bench_variant(key: str, kinds: list[str], batches: list[int], runtimes: list
                 calls = {
                     # as bench/speed.py times it: host arrays in, embeddings on the device (padded batch) out
                     "ours": lambda x=x: jax.block_until_ready(ours.embed_preprocessed(x, kind)),
+                    "ours-bf16": lambda x=x: jax.block_until_ready(ours_bf16.embed_preprocessed(x, kind)),
                     "eager": lambda a=args: towers["eager"](*a).numpy(),
                     "sdpa": lambda a=args: towers["sdpa"](*a).numpy(),
                     "compile": lambda a=args: compiled(*a).numpy(),
@@ -224,7 +228,7 @@ def bench_variant(key: str, kinds: list[str], batches: list[int], runtimes: list
                     except Exception as error:  # noqa: BLE001 - a runtime that fails on a workload is reported, not fatal
                         notes[runtime] = f"failed: {first_line(error)}"
                         continue
-                    if runtime == "ort-int8":
+                    if runtime in REDUCED:
                         notes[runtime] = f"cos min {np.min(np.sum(out * truth, -1)):.5f}"
                     else:
                         diff = float(np.max(np.abs(out - truth)))

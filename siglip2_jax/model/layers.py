@@ -34,6 +34,16 @@ def ones(shape, axes, dtype) -> nnx.Param:
     return param(None, shape, axes, dtype, nnx.initializers.ones)
 
 
+def matmul(x: Array, kernel: Array) -> Array:
+    """x (..., D) @ kernel (D, N) -> (..., N), accumulated in float32 and returned in x's dtype.
+
+    For float32 this is plain `x @ kernel`. For bfloat16 it is the precise form, and on CPU also the fast
+    one: XLA:CPU runs bf16 x bf16 -> f32 dots on its AVX512-BF16/AMX library kernels, while a dot with a
+    bf16 result takes a slow path. At 1568x768x3072 on the 2-core Xeon: 415 GFLOP/s, against 142 for the
+    bf16 result and 134 for float32 (`python bench/peers.py --runtimes ours ours-bf16` times the towers)."""
+    return jnp.matmul(x, kernel, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
 class LayerNorm(nnx.Module):
     def __init__(self, width: int, eps: float, *, dtype, param_dtype=None):
         # float32 always: tiny, and its statistics are computed in float32 anyway
@@ -62,9 +72,9 @@ class Mlp(nnx.Module):
 
     def __call__(self, x: Array) -> Array:
         c = self.dtype
-        h = x.astype(c) @ self.fc1_kernel[...].astype(c) + self.fc1_bias[...].astype(c)
+        h = matmul(x.astype(c), self.fc1_kernel[...].astype(c)) + self.fc1_bias[...].astype(c)
         h = jax.nn.gelu(h, approximate=self.approximate_gelu)
-        return h @ self.fc2_kernel[...].astype(c) + self.fc2_bias[...].astype(c)
+        return matmul(h, self.fc2_kernel[...].astype(c)) + self.fc2_bias[...].astype(c)
 
 
 class Attention(nnx.Module):
@@ -118,7 +128,7 @@ class Attention(nnx.Module):
             out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=self.scale, implementation=impl)
         batch, length, heads, head_dim = out.shape
         wo = self.out_kernel[...].astype(c).reshape(heads * head_dim, -1)
-        return out.reshape(batch, length, heads * head_dim) @ wo + self.out_bias[...].astype(c)
+        return matmul(out.reshape(batch, length, heads * head_dim), wo) + self.out_bias[...].astype(c)
 
     def _heads_major_attention(self, q, k, v, key_mask) -> Array:
         """(B, T, H, E) in and out; inside, (B, H, T, E) so that every einsum is a plain batched matmul."""
@@ -170,7 +180,7 @@ def _project(x: Array, kernel: Array, bias: Array) -> list[Array]:
     """x (B, S, D) times kernel (D, n, H, E) plus bias (n, H, E) -> n arrays of (B, S, H, E)."""
     batch, length, width = x.shape
     _, n, heads, head_dim = kernel.shape
-    y = (x.reshape(batch * length, width) @ kernel.reshape(width, -1)).reshape(batch, length, n, heads, head_dim)
+    y = matmul(x.reshape(batch * length, width), kernel.reshape(width, -1)).reshape(batch, length, n, heads, head_dim)
     return list(jnp.unstack(y + bias, axis=2))
 
 

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ..config import TextConfig
-from .layers import Encoder, LayerNorm, in_row_blocks, param, zeros
+from .layers import Encoder, LayerNorm, in_row_blocks, matmul, param, zeros
 
 Array = jax.Array
 
@@ -44,7 +44,8 @@ class TextTower(nnx.Module):
         x, hidden = self.encoder(x.astype(self.dtype), None, return_hidden)
         tokens = self.final_norm(x)
         c = self.dtype
-        pooled = in_row_blocks(lambda r: r @ self.head_kernel[...].astype(c) + self.head_bias[...].astype(c), tokens[:, -1])
+        pooled = in_row_blocks(lambda r: matmul(r, self.head_kernel[...].astype(c)) + self.head_bias[...].astype(c),
+                               tokens[:, -1])
         out = dict(pooled=pooled.astype(jnp.float32), tokens=tokens)
         if return_hidden:
             out["hidden"] = hidden
