@@ -5,7 +5,8 @@ One component owns the decisions every caller used to make for itself:
   the mesh's data-parallel size), so a process compiles log2(max batch) shapes per kind and no more;
 - **padding**: the rows past n are zeros (NaFlex: a 1x1 grid with one valid patch, never an empty grid);
 - **placement**: rows are split over the mesh's "data" axis;
-- **CPU micro-batching**: on CPU a batch runs as calls of at most `CPU_TOKENS_PER_CALL` tokens per device;
+- **CPU micro-batching**: on CPU a batch runs as calls of at most `defaults.CPU_TOKENS_PER_CALL` tokens per
+  device;
 - **asynchronous dispatch with a bound**: `map` keeps at most `max_in_flight` batches on the device, so
   the next batch is prepared while one computes and host memory stays flat however long the input is.
 
@@ -22,11 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import defaults
 from .sharding import batch_sharding
 
-# Past ~2048 tokens per call every XLA:CPU matmul slows down (activations fall out of the cache).
-# Measured with `python bench/speed.py` on the 2-core x86-64 machine of the README's table.
-CPU_TOKENS_PER_CALL = 2048
 KINDS = ("image", "image_tokens", "text")
 
 
@@ -76,10 +75,11 @@ class BatchEngine:
 
     def rows_per_call(self, kind: str) -> int:
         """Rows one compiled call takes: the whole bucket on accelerators; on CPU at most
-        CPU_TOKENS_PER_CALL tokens per device, rounded down to a power of two."""
-        if jax.default_backend() != "cpu":
+        `defaults.tokens_per_call()` tokens per device, rounded down to a power of two."""
+        tokens = defaults.tokens_per_call()
+        if tokens is None:
             return 1 << 62
-        per_device = max(1, CPU_TOKENS_PER_CALL // self.tokens_per_row[kind])
+        per_device = max(1, tokens // self.tokens_per_row[kind])
         return self.data_parallel * (1 << (per_device.bit_length() - 1))
 
     def dispatch(self, kind: str, inputs, n: int | None = None) -> Pending:

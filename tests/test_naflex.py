@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from siglip2_jax.images import preprocess_naflex
-from siglip2_jax.model import layers, vision
+from siglip2_jax.model import attention, vision
 from siglip2_jax.model.build import model_from_params
 from reference import convert_reference, make_reference, preset_hf_config, save_reference, scaled_down
 
@@ -95,8 +95,8 @@ def test_scaled_down_naflex_matches_transformers(name, budget, implementation, t
 
 def test_grouped_attention_with_masks_matches_transformers(tmp_path, monkeypatch):
     """Padding masks through the CPU attention that loops over groups of (image, head) pairs."""
-    monkeypatch.setattr(layers, "LOGITS_BYTES_ONE_STEP", 0)
-    monkeypatch.setattr(layers, "LOGITS_BYTES_PER_STEP", 3 * 256 * 256 * 4)
+    monkeypatch.setattr(attention, "LOGITS_BYTES_ONE_STEP", 0)
+    monkeypatch.setattr(attention, "LOGITS_BYTES_PER_STEP", 3 * 256 * 256 * 4)
     model, reference, inputs, ids = setup(tmp_path, "siglip2-base-patch16-naflex", scaled=True, attention_impl="einsum")
     assert_parity(diffs(our_outputs(model, inputs, ids), reference_outputs(reference, inputs, ids), inputs["mask"]))
 

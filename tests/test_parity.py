@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from siglip2_jax.config import preset_names
-from siglip2_jax.model import layers
+from siglip2_jax.model import attention
 from siglip2_jax.model.build import flatten, model_from_params, nest, stack_layers, unstack_layers
 from reference import convert_reference, make_reference, preset_hf_config, save_reference, scaled_down
 
@@ -149,8 +149,8 @@ def test_both_attention_paths_match_transformers(small_pair, implementation, sta
 @pytest.mark.parametrize("bytes_per_step", [1, 40_000], ids=["one_pair", "several_pairs"])
 def test_grouped_attention_matches_transformers(small_pair, monkeypatch, bytes_per_step):
     """The CPU attention that loops over groups of (image, head) pairs when their logits are large."""
-    monkeypatch.setattr(layers, "LOGITS_BYTES_ONE_STEP", 0)
-    monkeypatch.setattr(layers, "LOGITS_BYTES_PER_STEP", bytes_per_step)
+    monkeypatch.setattr(attention, "LOGITS_BYTES_ONE_STEP", 0)
+    monkeypatch.setattr(attention, "LOGITS_BYTES_PER_STEP", bytes_per_step)
     config, params, pixels, ids, ref = small_pair
     model = model_from_params(config, nest(unstack_layers(flatten(params))), attention_impl="einsum")
     jaxpr = str(jax.make_jaxpr(lambda x: model.encode_texts(x))(jnp.asarray(ids)))
@@ -159,11 +159,11 @@ def test_grouped_attention_matches_transformers(small_pair, monkeypatch, bytes_p
 
 
 def test_pairs_per_step():
-    assert layers._pairs_per_step(96, 64 * 64 * 4) == 96                 # small logits: one step
-    assert layers._pairs_per_step(128, 729 * 729 * 4) == 2               # So400m: 2 x 2.1 MB per step
-    assert layers._pairs_per_step(16, 729 * 729 * 4) == 2
-    assert layers._pairs_per_step(7, 729 * 729 * 4) == 1                 # prime: one pair per step
-    assert layers._pairs_per_step(12, 4096 * 4096 * 4) == 1              # over the budget alone: still one
+    assert attention._pairs_per_step(96, 64 * 64 * 4) == 96                 # small logits: one step
+    assert attention._pairs_per_step(128, 729 * 729 * 4) == 2               # So400m: 2 x 2.1 MB per step
+    assert attention._pairs_per_step(16, 729 * 729 * 4) == 2
+    assert attention._pairs_per_step(7, 729 * 729 * 4) == 1                 # prime: one pair per step
+    assert attention._pairs_per_step(12, 4096 * 4096 * 4) == 1              # over the budget alone: still one
 
 
 def test_layer_layouts_round_trip(small_pair):

@@ -11,7 +11,7 @@ import transformers
 from PIL import Image
 
 import siglip2_jax
-from siglip2_jax import engine as engine_module
+from siglip2_jax import defaults
 from siglip2_jax.checkpoint import SourceError
 from siglip2_jax.sharding import make_mesh
 from conftest import hf_dir_for, run_notebook
@@ -132,7 +132,7 @@ def test_cpu_batches_run_as_calls_of_few_tokens(fixres, photo_files, monkeypatch
     whole = siglip2_jax.load(fixres[1], mesh=mesh)
     images, texts = photo_files * 3, TEXTS * 5
     expected_images, expected_texts = whole.encode_images(images), whole.encode_texts(texts)
-    monkeypatch.setattr(engine_module, "CPU_TOKENS_PER_CALL", 1)   # one row per device per call
+    monkeypatch.setattr(defaults, "CPU_TOKENS_PER_CALL", 1)   # one row per device per call
     calls = []
     split = siglip2_jax.load(fixres[1], mesh=mesh)
     for kind in ("image", "text"):
