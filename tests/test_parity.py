@@ -44,9 +44,9 @@ def reference_outputs(model, pixels, ids):
 
 def our_outputs(model, pixels, ids):
     images = model.vision(jnp.asarray(pixels))
-    image, text = normalize(images["pooled"]), normalize(model.encode_texts(jnp.asarray(ids), normalize=False))
+    image, text = normalize(images.pooled), normalize(model.encode_texts(jnp.asarray(ids), normalize=False))
     return dict(image=image, text=text, logits=np.asarray(model.logits(jnp.asarray(image, jnp.float32), jnp.asarray(text, jnp.float32))),
-                tokens=np.asarray(images["tokens"]))
+                tokens=np.asarray(images.tokens))
 
 
 def max_diffs(ours, ref):
@@ -177,3 +177,19 @@ def test_layer_layouts_round_trip(small_pair):
     assert set(back) == set(flat)
     for path in flat:
         np.testing.assert_array_equal(np.asarray(back[path]), np.asarray(flat[path]))
+
+
+@pytest.mark.parametrize("stacked", [True, False], ids=["stacked", "per_layer"])
+def test_hidden_layers_are_the_blocks_asked_for(small_pair, stacked):
+    """hidden_layers returns the outputs of the blocks asked for, in that order (negative: from the last),
+    the same as the full stack's rows; none asked: None; a block that does not exist: ValueError."""
+    config, params, pixels, *_ = small_pair
+    model = model_from_params(config, params if stacked else nest(unstack_layers(flatten(params))))
+    x, depth = jnp.asarray(pixels), config.vision.depth
+    every = model.vision(x, hidden_layers=range(depth))
+    some = model.vision(x, hidden_layers=[depth - 1, 0, -2])
+    assert model.vision(x).hidden is None and every.hidden.shape == (depth, *every.tokens.shape)
+    assert np.array_equal(some.hidden, every.hidden[np.array([depth - 1, 0, depth - 2])])
+    assert np.array_equal(some.pooled, model.vision(x).pooled)
+    with pytest.raises(ValueError, match="blocks"):
+        model.vision(x, hidden_layers=[depth])

@@ -11,6 +11,8 @@ Conventions:
 
 from __future__ import annotations
 
+from typing import NamedTuple, Sequence
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -19,6 +21,22 @@ from .attention import attention_core, project
 
 Array = jax.Array
 _lecun = nnx.initializers.lecun_normal()
+
+
+class TowerOutput(NamedTuple):
+    """What a tower returns (a pytree: it can leave a `jit`).
+
+    pooled: (B, P) float32, the tower's embedding before L2 normalization;
+    tokens: (B, N, D) in the compute dtype, the encoder's output after the final LayerNorm (images: the
+        patch features the pooling head reads);
+    mask: (B, N) bool, False for padding tokens (NaFlex), or None (every token is real);
+    hidden: (len(hidden_layers), B, N, D), the outputs of the blocks asked for, in the order asked, or None.
+    """
+
+    pooled: Array
+    tokens: Array
+    mask: Array | None = None
+    hidden: Array | None = None
 
 
 def param(rngs: nnx.Rngs | None, shape, axes, dtype, init=_lecun) -> nnx.Param:
@@ -140,6 +158,7 @@ class Encoder(nnx.Module):
     """
 
     def __init__(self, depth: int, *, rngs: nnx.Rngs, stacked: bool = True, **block_kwargs):
+        self.depth = depth
         keys = jax.random.split(rngs.params(), depth)
 
         @nnx.vmap(in_axes=0, out_axes=0)
@@ -160,23 +179,55 @@ class Encoder(nnx.Module):
             if isinstance(var, nnx.Param):
                 var.set_metadata("axes", ("layers", *var.get_metadata()["axes"]))
 
-    def __call__(self, x: Array, key_mask: Array | None = None, return_hidden: bool = False):
-        """Returns (output, per-block outputs stacked as (depth, B, S, D) or None)."""
+    def __call__(self, x: Array, key_mask: Array | None = None, hidden_layers: Sequence[int] | None = None):
+        """x: (B, S, D); key_mask: (B, S) bool or None. Returns (output (B, S, D), the outputs of blocks
+        `hidden_layers` (0 = the first block, negative from the last) stacked as (len, B, S, D), or None
+        when hidden_layers is None). Only the blocks asked for are kept. Raises ValueError for a block
+        index out of range."""
+        wanted = self.layer_indices(hidden_layers)
+        asked = set(wanted or ())
         if not self.stacked:
-            hidden = []
-            for block in self.layers:
+            outputs = {}
+            for i, block in enumerate(self.layers):
                 x = block(x, key_mask)
-                hidden.append(x)
-            return x, (jnp.stack(hidden) if return_hidden else None)
+                if i in asked:
+                    outputs[i] = x
+            return x, _stacked_outputs(outputs, wanted, x)
 
         graphdef, stacked = nnx.split(self.blocks)
 
         def step(h, layer_state):
-            h = nnx.merge(graphdef, layer_state)(h, key_mask)
-            return h, (h if return_hidden else None)
+            return nnx.merge(graphdef, layer_state)(h, key_mask), None
 
-        x, hidden = jax.lax.scan(step, x, stacked)
-        return x, hidden
+        # one scan per run of blocks up to a block asked for (one scan in all when none is asked for), so
+        # that no more than the asked outputs are kept
+        outputs, start = {}, 0
+        for stop in sorted({i + 1 for i in asked}) + [self.depth]:
+            if stop > start:
+                part = stacked if (start, stop) == (0, self.depth) else jax.tree.map(lambda w: w[start:stop], stacked)
+                x, _ = jax.lax.scan(step, x, part)
+                outputs[stop - 1] = x
+            start = stop
+        return x, _stacked_outputs(outputs, wanted, x)
+
+    def layer_indices(self, hidden_layers: Sequence[int] | None) -> list[int] | None:
+        """`hidden_layers` as block indices 0 .. depth - 1 (negative ones count from the last block)."""
+        if hidden_layers is None:
+            return None
+        indices = []
+        for i in hidden_layers:
+            if not -self.depth <= int(i) < self.depth:
+                raise ValueError(f"hidden layer {i}: the encoder has {self.depth} blocks (0 .. {self.depth - 1})")
+            indices.append(int(i) % self.depth)
+        return indices
+
+
+def _stacked_outputs(outputs: dict[int, Array], wanted: list[int] | None, x: Array) -> Array | None:
+    if wanted is None:
+        return None
+    if not wanted:
+        return jnp.zeros((0, *x.shape), x.dtype)
+    return jnp.stack([outputs[i] for i in wanted])
 
 
 class MapHead(nnx.Module):
