@@ -3,7 +3,8 @@
 One component owns the decisions every caller used to make for itself:
 - **buckets**: a batch of n rows runs at the smallest compiled size that holds it, a power of two (times
   the mesh's data-parallel size), so a process compiles log2(max batch) shapes per kind and no more;
-- **padding**: the rows past n are zeros (NaFlex: a 1x1 grid with one valid patch, never an empty grid);
+- **padding**: the rows past n are zeros, or what the kind's `pad_rows` makes (NaFlex images:
+  `NaFlexBatch.pad_rows`);
 - **placement**: rows are split over the mesh's "data" axis;
 - **CPU micro-batching**: on CPU a batch runs as calls of at most `defaults.CPU_TOKENS_PER_CALL` tokens per
   device;
@@ -50,10 +51,14 @@ class BatchEngine:
     fns: {kind: fn(state, inputs) -> (rows, ...) array}; `state` is passed to every call.
     tokens_per_row: {kind: sequence length of one row} (for CPU micro-batching).
     mesh: a `jax.sharding.Mesh` with a "data" axis, or None for one device.
+    pad_rows: {kind: fn(inputs, size) -> inputs grown to `size` rows (numpy)} for the kinds whose padding
+        rows are not zeros (the input format's own rule, e.g. `NaFlexBatch.pad_rows`).
     """
 
-    def __init__(self, fns: dict[str, Callable], state, tokens_per_row: dict[str, int], mesh=None):
+    def __init__(self, fns: dict[str, Callable], state, tokens_per_row: dict[str, int], mesh=None,
+                 pad_rows: dict[str, Callable] | None = None):
         self.fns, self.state, self.tokens_per_row, self.mesh = fns, state, tokens_per_row, mesh
+        self.pad_rows = pad_rows or {}
 
     @property
     def data_parallel(self) -> int:
@@ -83,15 +88,14 @@ class BatchEngine:
         return self.data_parallel * (1 << (per_device.bit_length() - 1))
 
     def dispatch(self, kind: str, inputs, n: int | None = None) -> Pending:
-        """Pad `inputs` (an array or a NaFlex dict, n rows) to its bucket, place it, run it; not waited for."""
+        """Pad `inputs` (a pytree of arrays of n rows: an array, a `NaFlexBatch`) to its bucket, place it, run
+        it; not waited for. Raises ValueError for an unknown kind."""
         if kind not in KINDS:
             raise ValueError(f"unknown input kind {kind!r}: expected one of {KINDS}")
         n = len(jax.tree.leaves(inputs)[0]) if n is None else n
         size = self.bucket(n)
-        padded = jax.tree.map(lambda x: _pad_rows(np.asarray(x), size), inputs)
-        if isinstance(padded, dict):  # NaFlex padding images: a 1x1 grid with one valid patch, never 0x0
-            padded["spatial_shapes"][n:] = 1
-            padded["mask"][n:, 0] = 1
+        pad = self.pad_rows.get(kind, _zero_rows)
+        padded = pad(inputs, size)
         rows = min(size, self.rows_per_call(kind))
         fn = self.fns[kind]
         return Pending([fn(self.state, self._place(jax.tree.map(lambda x: x[s:s + rows], padded)))
@@ -123,7 +127,10 @@ class BatchEngine:
         return jax.tree.map(lambda x: jax.device_put(x, batch_sharding(self.mesh, x.ndim)), batch)
 
 
-def _pad_rows(x: np.ndarray, size: int) -> np.ndarray:
-    if len(x) == size:
-        return x
-    return np.concatenate([x, np.zeros((size - len(x), *x.shape[1:]), x.dtype)])
+def _zero_rows(inputs, size: int):
+    """Every array of `inputs` grown to `size` rows with zeros (numpy)."""
+    def grow(x):
+        x = np.asarray(x)
+        return x if len(x) == size else np.concatenate([x, np.zeros((size - len(x), *x.shape[1:]), x.dtype)])
+
+    return jax.tree.map(grow, inputs)

@@ -234,6 +234,22 @@ class NaFlexBatch(NamedTuple):
         """One image's input, without the batch axis: (N, p*p*3), (N,), (2,)."""
         return NaFlexBatch(self.patches[index], self.mask[index], self.spatial_shapes[index])
 
+    def pad_rows(self, size: int) -> NaFlexBatch:
+        """This batch of n images grown to `size` (>= n) with padding images (numpy): zero patches on a 1x1
+        grid with one valid patch, never an empty 0x0 grid, whose position resize would divide by zero and
+        whose attention would have no key at all."""
+        count = len(self.mask)
+        if count == size:
+            return self
+
+        def grow(x, fill):
+            x = np.asarray(x)
+            return np.concatenate([x, np.full((size - count, *x.shape[1:]), fill, x.dtype)])
+
+        mask = grow(self.mask, 0)
+        mask[count:, 0] = 1
+        return NaFlexBatch(grow(self.patches, 0), mask, grow(self.spatial_shapes, 1))
+
 
 # ------------------------------------------------------------------------------------ the preprocessor
 

@@ -67,12 +67,14 @@ class Siglip2Pipeline:
         def text_embeds(state, token_ids):
             return nnx.merge(graphdef, state).encode_texts(token_ids)
 
-        tokens_per_row = {"text": config.text.max_length if config.text else 0}
+        tokens_per_row, pad_rows = {"text": config.text.max_length if config.text else 0}, {}
         if config.vision is not None:
             image_tokens_per_row = max_num_patches if config.vision.naflex else config.vision.num_positions
             tokens_per_row.update(image=image_tokens_per_row, image_tokens=image_tokens_per_row)
+            if config.vision.naflex:
+                pad_rows.update(image=NaFlexBatch.pad_rows, image_tokens=NaFlexBatch.pad_rows)
         self.engine = BatchEngine({"image": jax.jit(image_embeds), "image_tokens": jax.jit(image_tokens),
-                                   "text": jax.jit(text_embeds)}, self._state, tokens_per_row, mesh)
+                                   "text": jax.jit(text_embeds)}, self._state, tokens_per_row, mesh, pad_rows)
 
     # ---- inputs -----------------------------------------------------------------------------------
     def preprocess(self, images) -> np.ndarray | NaFlexBatch:

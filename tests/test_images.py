@@ -361,3 +361,14 @@ def test_truncated_jpeg_refused_even_if_someone_allows_truncated_images(tmp_path
     monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
     _assert_image_error(tmp_path / "cut.jpg", "cut.jpg", "LOAD_TRUNCATED_IMAGES")
     assert load_image(Image.new("L", (3, 2))).size == (3, 2)  # images already in memory are fine
+
+
+def test_naflex_padding_rows():
+    """The engine's padding images for NaFlex: zero patches on a 1x1 grid with one valid patch (never 0x0);
+    the real rows are untouched, and a full batch is returned as is."""
+    batch = preprocess_naflex([np.full((32, 48, 3), 200, np.uint8)], 16, 8)
+    padded = batch.pad_rows(4)
+    assert padded.patches.shape == (4, 8, 16 * 16 * 3) and not padded.patches[1:].any()
+    assert padded.spatial_shapes[1:].tolist() == [[1, 1]] * 3 and padded.mask[1:].tolist() == [[1] + [0] * 7] * 3
+    assert all(np.array_equal(a, b) for a, b in zip(padded.row(0), batch.row(0)))
+    assert all(x.dtype == y.dtype for x, y in zip(padded, batch)) and batch.pad_rows(1) is batch
