@@ -18,7 +18,7 @@ cores), openvino (the same ONNX graph, CPU plugin, f32 precision hint, threads =
 runs every library once in a rotating order; a library's figure is its best repetition (a limit, not a
 typical time). Per tower it also prints the limit of one layer's GEMM mix (each shape at its best,
 weighted by its FLOPs): the figure a tower's GFLOP/s is a share of. Note that on CPU our pipeline runs a big batch as calls of at most
-`siglip2_jax.engine.CPU_TOKENS_PER_CALL` tokens, so --tokens that value gives the shapes ours really runs.
+`siglip2_jax.defaults.CPU_TOKENS_PER_CALL` tokens, so --tokens that value gives the shapes ours really runs.
 """
 
 from __future__ import annotations

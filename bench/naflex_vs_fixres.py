@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 
 from siglip2_jax.config import Siglip2Config
+from siglip2_jax.images import NaFlexBatch
 from siglip2_jax.model import Siglip2
 
 
@@ -31,8 +32,8 @@ def image_encoder(preset: str, batch: int):
         # mixed aspect ratios, all within the 256-patch budget
         shapes = np.array([[16, 16], [12, 21], [14, 18], [3, 85], [85, 3], [8, 32], [10, 25], [16, 16]] * batch)[:batch]
         mask = (np.arange(256)[None] < (shapes[:, 0] * shapes[:, 1])[:, None]).astype(np.int32)
-        x = dict(patches=rng.uniform(-1, 1, (batch, 256, v.patch_dim)).astype(np.float32), mask=mask,
-                 spatial_shapes=shapes.astype(np.int32))
+        x = NaFlexBatch(patches=rng.uniform(-1, 1, (batch, 256, v.patch_dim)).astype(np.float32), mask=mask,
+                        spatial_shapes=shapes.astype(np.int32))
     else:
         x = rng.uniform(-1, 1, (batch, v.image_size, v.image_size, 3)).astype(np.float32)
     x = jax.tree.map(jnp.asarray, x)

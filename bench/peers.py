@@ -50,6 +50,7 @@ import torch
 import transformers
 
 import siglip2_jax
+from siglip2_jax.images import NaFlexBatch
 from speed import VARIANTS, inputs, matmul_peak_gflops, model_flops, reference_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -92,8 +93,8 @@ def torch_args(kind: str, x) -> tuple:
     """Our host inputs -> the tensors transformers takes (NCHW pixels, int64 ids and shapes)."""
     if kind == "text":
         return (torch.from_numpy(x).long(),)
-    if isinstance(x, dict):
-        return (torch.from_numpy(x["patches"]), torch.from_numpy(x["mask"]), torch.from_numpy(x["spatial_shapes"]).long())
+    if isinstance(x, NaFlexBatch):
+        return (torch.from_numpy(x.patches), torch.from_numpy(x.mask), torch.from_numpy(x.spatial_shapes).long())
     return (torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(),)
 
 

@@ -31,6 +31,7 @@ import transformers
 
 import siglip2_jax
 from siglip2_jax.config import PRESETS_DIR
+from siglip2_jax.images import NaFlexBatch
 
 VARIANTS = {"b16-224": "siglip2-base-patch16-224", "so400m14-384": "siglip2-so400m-patch14-384",
             "naflex-b16-256": "siglip2-base-patch16-naflex", "b16-256": "siglip2-base-patch16-256"}
@@ -84,8 +85,9 @@ def inputs(config, batch: int, seed=0):
     v = config.vision
     if v.naflex:
         n = v.num_positions
-        images = dict(patches=rng.uniform(-1, 1, (batch, n, v.patch_dim)).astype(np.float32),
-                      mask=np.ones((batch, n), np.int32), spatial_shapes=np.tile([[v.grid_size, v.grid_size]], (batch, 1)).astype(np.int32))
+        images = NaFlexBatch(patches=rng.uniform(-1, 1, (batch, n, v.patch_dim)).astype(np.float32),
+                             mask=np.ones((batch, n), np.int32),
+                             spatial_shapes=np.tile([[v.grid_size, v.grid_size]], (batch, 1)).astype(np.int32))
     else:
         images = rng.uniform(-1, 1, (batch, v.image_size, v.image_size, 3)).astype(np.float32)
     ids = rng.integers(0, config.text.vocab_size, (batch, config.text.max_length)).astype(np.int32)
@@ -93,9 +95,9 @@ def inputs(config, batch: int, seed=0):
 
 
 def torch_image_call(model, images):
-    if isinstance(images, dict):
-        kwargs = dict(pixel_values=torch.from_numpy(images["patches"]), pixel_attention_mask=torch.from_numpy(images["mask"]),
-                      spatial_shapes=torch.from_numpy(images["spatial_shapes"]).long())
+    if isinstance(images, NaFlexBatch):
+        kwargs = dict(pixel_values=torch.from_numpy(images.patches), pixel_attention_mask=torch.from_numpy(images.mask),
+                      spatial_shapes=torch.from_numpy(images.spatial_shapes).long())
     else:
         kwargs = dict(pixel_values=torch.from_numpy(images).permute(0, 3, 1, 2).contiguous())
     return lambda: model.get_image_features(**kwargs)

@@ -14,6 +14,7 @@ import numpy as np
 
 from siglip2_jax.checkpoint import read_checkpoint_config, restore_params
 from siglip2_jax.config import Siglip2Config
+from siglip2_jax.images import NaFlexBatch
 from siglip2_jax.model.build import model_from_params
 
 # fp32 tolerances (issue 2): normalized embeddings, logits. Weights stored in bf16 are held to cosine.
@@ -45,8 +46,8 @@ def random_inputs(config: Siglip2Config, batch: int = 3, seed: int = 0) -> dict:
         mask = np.zeros((len(shapes), n), np.int32)
         for i, (h, w) in enumerate(shapes):
             mask[i, : h * w] = 1
-        inputs["naflex"] = dict(patches=rng.uniform(-1, 1, (len(shapes), n, v.patch_dim)).astype(np.float32),
-                                mask=mask, spatial_shapes=np.asarray(shapes, np.int32))
+        inputs["naflex"] = NaFlexBatch(patches=rng.uniform(-1, 1, (len(shapes), n, v.patch_dim)).astype(np.float32),
+                                       mask=mask, spatial_shapes=np.asarray(shapes, np.int32))
     elif v is not None:
         inputs["pixels"] = rng.uniform(-1, 1, (batch, v.image_size, v.image_size, 3)).astype(np.float32)
     if config.text is not None:
@@ -64,9 +65,9 @@ def reference_outputs(hf_dir: str | Path, inputs: dict) -> dict:
         if "pixels" in inputs or "naflex" in inputs:
             if "naflex" in inputs:
                 n = inputs["naflex"]
-                kwargs = dict(pixel_values=torch.from_numpy(n["patches"]),
-                              pixel_attention_mask=torch.from_numpy(n["mask"]),
-                              spatial_shapes=torch.from_numpy(n["spatial_shapes"]).long())
+                kwargs = dict(pixel_values=torch.from_numpy(n.patches),
+                              pixel_attention_mask=torch.from_numpy(n.mask),
+                              spatial_shapes=torch.from_numpy(n.spatial_shapes).long())
             else:
                 kwargs = dict(pixel_values=torch.from_numpy(inputs["pixels"]).permute(0, 3, 1, 2))
             images = model.get_image_features(**kwargs) if hasattr(model, "get_image_features") else model(**kwargs)

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
-from .images import ImageError, ImagePreprocessor  # noqa: F401 (ImagePreprocessor: the image transform, re-exported)
+from .images import ImageError, ImagePreprocessor, NaFlexBatch  # noqa: F401 (ImagePreprocessor: the image transform, re-exported)
 
 if TYPE_CHECKING:  # grain is imported where a loader is made: the CLI's --help must not wait for it
     import grain
@@ -202,10 +202,12 @@ def nbytes(tree) -> int:
 
 
 def _stack(elements: list):
-    """Records (arrays, or nested dicts of arrays) -> one batch, stacked along a new first axis."""
+    """Records (arrays, or nested dicts of arrays and NaFlex rows) -> one batch, stacked along a new first axis."""
     first = elements[0]
     if isinstance(first, dict):
         return {key: _stack([e[key] for e in elements]) for key in first}
+    if isinstance(first, NaFlexBatch):
+        return NaFlexBatch(*(_stack(list(field)) for field in zip(*elements)))
     return np.stack([np.asarray(e) for e in elements])
 
 
@@ -273,9 +275,9 @@ class DecodeBatch:
 
 
 def _concat(batches: list):
-    """Concatenate single-item batches (arrays, or dicts of arrays for NaFlex) along the first axis."""
-    if isinstance(batches[0], dict):
-        return {key: np.concatenate([b[key] for b in batches]) for key in batches[0]}
+    """Concatenate single-item batches (arrays, or `NaFlexBatch`es) along the first axis."""
+    if isinstance(batches[0], NaFlexBatch):
+        return NaFlexBatch(*(np.concatenate(field) for field in zip(*batches)))
     return np.concatenate(batches)
 
 

@@ -49,7 +49,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import distributed
+from . import defaults, distributed
 from .data import DecodeBatch, ImagePreprocessor, iterate, list_files, make_loader, read_lines, read_path_list
 
 FORMAT, FORMAT_VERSION = "siglip2-jax-embeddings", 1
@@ -91,7 +91,7 @@ def embed(model, inputs: str | Path, out: str | Path, *, texts: bool = False, dt
     workers: decoding processes (0: decode in this process, while the devices compute). Default: 0 on
         CPU, one per CPU core but one (at most 32) with accelerators.
     part_size: inputs per part (the unit of resuming). Default: the part size OUT was started with when
-        it is continued, else `default_part_size`.
+        it is continued, else `defaults.embed_part_size`.
     Raises EmbedError (bad arguments, or OUT made with another model, input or options). Call
     `distributed.initialize` first for a multi-host job.
     """
@@ -104,7 +104,7 @@ def embed(model, inputs: str | Path, out: str | Path, *, texts: bool = False, dt
         raise EmbedError(f"--dtype {dtype}: choose float32 or float16")
     out = Path(os.path.abspath(out))
     if part_size is None:
-        part_size = _started_part_size(out) or default_part_size(batch_size)
+        part_size = _started_part_size(out) or defaults.embed_part_size(batch_size)
     for flag, value in (("--batch-size", batch_size), ("--part-size", part_size), ("--model-parallel", model_parallel)):
         if value < 1:
             raise EmbedError(f"{flag} {value}: must be at least 1")
@@ -147,9 +147,7 @@ def embed(model, inputs: str | Path, out: str | Path, *, texts: bool = False, dt
     if mine:
         plans = _plan_batches(mine, items, part_size, batch_size)
         if workers is None:
-            # On CPU the devices are the cores: worker processes would take them from the model, while
-            # this thread can decode the next batch as XLA's threads compute the current one.
-            workers = 0 if jax.default_backend() == "cpu" else min(32, max(1, (os.cpu_count() or 2) - 1))
+            workers = defaults.loader_workers()
         loader = iterate(make_loader(plans, DecodeBatch(preprocess), workers=workers,
                                      element_nbytes=_batch_nbytes(preprocess, items, batch_size)))
         try:
@@ -170,18 +168,6 @@ def embed(model, inputs: str | Path, out: str | Path, *, texts: bool = False, dt
             loader.close()
     distributed.barrier("siglip2_jax.embed: all parts written")
     return _finish(out, manifest, write=jax.process_index() == 0)
-
-
-CPU_PART_SIZE = 256  # about a minute or two of a base model on a CPU: an interrupted run loses little
-
-
-def default_part_size(batch_size: int) -> int:
-    """Inputs per part when --part-size is not given: 4096 with accelerators; on CPU, where a base model
-    embeds a few images a second, 256 (or one batch, if larger), so that parts are saved every minute or
-    two rather than every half hour."""
-    import jax
-
-    return max(CPU_PART_SIZE, batch_size) if jax.default_backend() == "cpu" else 4096
 
 
 def _started_part_size(out: Path) -> int | None:
@@ -545,7 +531,8 @@ def register(commands) -> None:
     parser.add_argument("--batch-size", type=positive_int, default=128, help="inputs per step over all local devices (default 128)")
     parser.add_argument("--part-size", type=positive_int, default=None,
                         help="inputs per output part, the unit of resuming (default: the one OUT was started with "
-                             f"when continuing it; else 4096 with accelerators, and on CPU {CPU_PART_SIZE} or the "
+                             f"when continuing it; else {defaults.ACCELERATOR_PART_SIZE} with accelerators, and on CPU "
+                             f"{defaults.CPU_PART_SIZE} or the "
                              "batch size if larger, so that a part is saved every minute or two)")
     parser.add_argument("--max-num-patches", type=positive_int, default=None,
                         help="NaFlex models: patch budget per image (default: the checkpoint's, usually 256)")

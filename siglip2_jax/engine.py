@@ -4,10 +4,11 @@ One component owns the decisions every caller used to make for itself:
 - **buckets**: every compiled batch size is a power of two (times the mesh's data-parallel size), so a
   process compiles log2(max batch) shapes per kind and no more. On accelerators a batch of n rows runs as
   one call at the smallest bucket that holds it;
-- **CPU micro-batching**: on CPU a batch runs as calls of at most `CPU_TOKENS_PER_CALL` tokens per device,
-  and the rows past the last full call as a sum of smaller buckets, so padding is never computed for
-  more than the data-parallel size minus one (`call_sizes`);
-- **padding**: the rows past n are zeros (NaFlex: a 1x1 grid with one valid patch, never an empty grid);
+- **CPU micro-batching**: on CPU a batch runs as calls of at most `defaults.CPU_TOKENS_PER_CALL` tokens per
+  device, and the rows past the last full call as a sum of smaller buckets, so padding is never computed
+  for more than the data-parallel size minus one (`call_sizes`);
+- **padding**: the rows past n are zeros, or what the kind's `pad_rows` makes (NaFlex images:
+  `NaFlexBatch.pad_rows`);
 - **placement**: rows are split over the mesh's "data" axis;
 - **asynchronous dispatch with a bound**: `map` keeps at most `max_in_flight` batches on the device, so
   the next batch is prepared while one computes and host memory stays flat however long the input is.
@@ -25,11 +26,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import defaults
 from .sharding import batch_sharding
 
-# Past ~2048 tokens per call every XLA:CPU matmul slows down (activations fall out of the cache).
-# Measured with `python bench/speed.py` on the 2-core x86-64 machine of the README's table.
-CPU_TOKENS_PER_CALL = 2048
 KINDS = ("image", "image_tokens", "text")
 
 
@@ -54,10 +53,14 @@ class BatchEngine:
     fns: {kind: fn(state, inputs) -> (rows, ...) array}; `state` is passed to every call.
     tokens_per_row: {kind: sequence length of one row} (for CPU micro-batching).
     mesh: a `jax.sharding.Mesh` with a "data" axis, or None for one device.
+    pad_rows: {kind: fn(inputs, size) -> inputs grown to `size` rows (numpy)} for the kinds whose padding
+        rows are not zeros (the input format's own rule, e.g. `NaFlexBatch.pad_rows`).
     """
 
-    def __init__(self, fns: dict[str, Callable], state, tokens_per_row: dict[str, int], mesh=None):
+    def __init__(self, fns: dict[str, Callable], state, tokens_per_row: dict[str, int], mesh=None,
+                 pad_rows: dict[str, Callable] | None = None):
         self.fns, self.state, self.tokens_per_row, self.mesh = fns, state, tokens_per_row, mesh
+        self.pad_rows = pad_rows or {}
 
     @property
     def data_parallel(self) -> int:
@@ -70,10 +73,11 @@ class BatchEngine:
 
     def rows_per_call(self, kind: str) -> int:
         """Rows one compiled call takes: the whole bucket on accelerators; on CPU at most
-        CPU_TOKENS_PER_CALL tokens per device, rounded down to a power of two."""
-        if jax.default_backend() != "cpu":
+        `defaults.tokens_per_call()` tokens per device, rounded down to a power of two."""
+        tokens = defaults.tokens_per_call()
+        if tokens is None:
             return 1 << 62
-        per_device = max(1, CPU_TOKENS_PER_CALL // self.tokens_per_row[kind])
+        per_device = max(1, tokens // self.tokens_per_row[kind])
         return self.data_parallel * (1 << (per_device.bit_length() - 1))
 
     def call_sizes(self, kind: str, n: int) -> list[int]:
@@ -84,9 +88,9 @@ class BatchEngine:
         a bucket of 32 holding 15 rows of padding. A CPU computes padding rows at full cost, and an
         embedding does not depend on the rows beside it (`model.layers.in_row_blocks`), so this changes
         no result. Only the last call can hold padding, and then fewer rows than the data-parallel size."""
-        rows = self.rows_per_call(kind)
-        if rows >= self.bucket(n) and jax.default_backend() != "cpu":
+        if defaults.tokens_per_call() is None:
             return [self.bucket(n)]
+        rows = self.rows_per_call(kind)
         sizes, left, unit = [], n, self.data_parallel
         while left > 0:
             size = min(rows, unit * (1 << ((max(left // unit, 1)).bit_length() - 1)))
@@ -99,17 +103,15 @@ class BatchEngine:
         return sorted({size for n in range(1, max_rows + 1) for size in self.call_sizes(kind, n)})
 
     def dispatch(self, kind: str, inputs, n: int | None = None) -> Pending:
-        """Pad `inputs` (an array or a NaFlex dict, n rows) to its call sizes, place it, run it; not waited for."""
+        """Pad `inputs` (a pytree of arrays of n rows: an array, a `NaFlexBatch`) to its call sizes, place it, run
+        it; not waited for. Raises ValueError for an unknown kind."""
         if kind not in KINDS:
             raise ValueError(f"unknown input kind {kind!r}: expected one of {KINDS}")
         n = len(jax.tree.leaves(inputs)[0]) if n is None else n
-        fn, outputs, start = self.fns[kind], [], 0
+        pad, fn, outputs, start = self.pad_rows.get(kind, _zero_rows), self.fns[kind], [], 0
         for size in self.call_sizes(kind, n):
             rows = min(size, n - start)
-            chunk = jax.tree.map(lambda x: _pad_rows(np.asarray(x[start:start + rows]), size), inputs)
-            if isinstance(chunk, dict):  # NaFlex padding images: a 1x1 grid with one valid patch, never 0x0
-                chunk["spatial_shapes"][rows:] = 1
-                chunk["mask"][rows:, 0] = 1
+            chunk = pad(jax.tree.map(lambda x: np.asarray(x[start:start + rows]), inputs), size)
             outputs.append(fn(self.state, self._place(chunk)))
             start += size
         return Pending(outputs, n)
@@ -140,7 +142,10 @@ class BatchEngine:
         return jax.tree.map(lambda x: jax.device_put(x, batch_sharding(self.mesh, x.ndim)), batch)
 
 
-def _pad_rows(x: np.ndarray, size: int) -> np.ndarray:
-    if len(x) == size:
-        return x
-    return np.concatenate([x, np.zeros((size - len(x), *x.shape[1:]), x.dtype)])
+def _zero_rows(inputs, size: int):
+    """Every array of `inputs` grown to `size` rows with zeros (numpy)."""
+    def grow(x):
+        x = np.asarray(x)
+        return x if len(x) == size else np.concatenate([x, np.zeros((size - len(x), *x.shape[1:]), x.dtype)])
+
+    return jax.tree.map(grow, inputs)

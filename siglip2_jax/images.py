@@ -10,7 +10,8 @@
     rescale:    x * rescale_factor in float64, then float32 (`do_rescale`)
     normalize:  (x - image_mean) / image_std in float32 (`do_normalize`)
     FixRes:     (n, S, S, 3) float32, NHWC
-    NaFlex:     patches (n, max_num_patches, p*p*3) in (py, px, c) order, zero-padded, + mask + spatial shapes
+    NaFlex:     a NaFlexBatch: patches (n, max_num_patches, p*p*3) in (py, px, c) order, zero-padded, + mask
+                + spatial shapes
 
 The reference is transformers' `SiglipImageProcessorPil` (FixRes) and `Siglip2ImageProcessorPil` (NaFlex),
 read from the same directory. Their torchvision backend and big_vision's TF resize differ slightly from
@@ -26,7 +27,7 @@ import json
 import math
 import numbers
 from pathlib import Path
-from typing import Sequence, Union
+from typing import NamedTuple, Sequence, Union
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -211,6 +212,45 @@ def patchify(pixels: np.ndarray, patch_size: int) -> np.ndarray:
     return patches.reshape(rows * cols, patch_size * patch_size * channels)
 
 
+# ------------------------------------------------------------------------------------ the NaFlex batch
+
+
+class NaFlexBatch(NamedTuple):
+    """The image tower's input for a NaFlex model: n images as patches in a fixed budget of N rows each.
+
+    patches: float32 (n, N, p*p*3), (py, px, c) order inside a patch, zero rows after the real ones;
+    mask: int32 (n, N), 1 for real patches (transformers' `pixel_attention_mask`);
+    spatial_shapes: int32 (n, 2), (rows, columns) of patches per image.
+
+    numpy arrays on the host, jax arrays inside the model. A NamedTuple is a pytree to `jax.tree` and
+    `jit` without registration, so this module (which runs in data-loader workers) needs no jax.
+    """
+
+    patches: np.ndarray
+    mask: np.ndarray
+    spatial_shapes: np.ndarray
+
+    def row(self, index: int) -> NaFlexBatch:
+        """One image's input, without the batch axis: (N, p*p*3), (N,), (2,)."""
+        return NaFlexBatch(self.patches[index], self.mask[index], self.spatial_shapes[index])
+
+    def pad_rows(self, size: int) -> NaFlexBatch:
+        """This batch of n images grown to `size` (>= n) with padding images (numpy): zero patches on a 1x1
+        grid with one valid patch, never an empty 0x0 grid, whose position resize would divide by zero and
+        whose attention would have no key at all."""
+        count = len(self.mask)
+        if count == size:
+            return self
+
+        def grow(x, fill):
+            x = np.asarray(x)
+            return np.concatenate([x, np.full((size - count, *x.shape[1:]), fill, x.dtype)])
+
+        mask = grow(self.mask, 0)
+        mask[count:, 0] = 1
+        return NaFlexBatch(grow(self.patches, 0), mask, grow(self.spatial_shapes, 1))
+
+
 # ------------------------------------------------------------------------------------ the preprocessor
 
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")  # transformers' order: nested first
@@ -236,7 +276,7 @@ class ImagePreprocessor:
     Build it with `from_dir(checkpoint_dir, vision_config)` (reads the checkpoint's processor config) or
     `for_model(vision_config)` (today's defaults: the hub SigLIP 2 settings). Calling it returns
     - FixRes: float32 (n, image_size, image_size, 3), NHWC;
-    - NaFlex: dict(patches float32 (n, max_num_patches, p*p*3), mask int32 (n, max_num_patches),
+    - NaFlex: a `NaFlexBatch` (patches float32 (n, max_num_patches, p*p*3), mask int32 (n, max_num_patches),
       spatial_shapes int32 (n, 2) = (rows, cols) of patches).
     Raises `ImageError` for an input it cannot use (one line naming it).
 
@@ -393,7 +433,7 @@ class ImagePreprocessor:
 
     # ---------------------------------------------------------------------------------- processing
 
-    def __call__(self, images: ImageSource | Sequence[ImageSource]) -> np.ndarray | dict[str, np.ndarray]:
+    def __call__(self, images: ImageSource | Sequence[ImageSource]) -> np.ndarray | NaFlexBatch:
         sources = _as_image_list(images)
         if not self.naflex:
             batch = [self.pixels(source) for source in sources]
@@ -408,7 +448,12 @@ class ImagePreprocessor:
             patches[i, : len(image_patches)] = image_patches
             mask[i, : len(image_patches)] = 1
             spatial_shapes[i] = (pixels.shape[0] // p, pixels.shape[1] // p)
-        return dict(patches=patches, mask=mask, spatial_shapes=spatial_shapes)
+        return NaFlexBatch(patches, mask, spatial_shapes)
+
+    def one(self, source: ImageSource) -> np.ndarray | NaFlexBatch:
+        """One image -> its input without the batch axis: FixRes (S, S, 3); NaFlex `NaFlexBatch.row`."""
+        batch = self([source])
+        return batch.row(0) if self.naflex else batch[0]
 
     def pixels(self, source: ImageSource) -> np.ndarray:
         """One image -> float32 (H, W, 3): decoded, resized, rescaled and normalized."""
@@ -495,8 +540,8 @@ def preprocess_naflex(
     max_num_patches: int = 256,
     *,
     resample: int = BILINEAR,
-) -> dict[str, np.ndarray]:
-    """Images -> NaFlex inputs with the hub settings, each image resized to its own `naflex_target_size`:
+) -> NaFlexBatch:
+    """Images -> a `NaFlexBatch` with the hub settings, each image resized to its own `naflex_target_size`:
 
     - patches: float32 (n, max_num_patches, patch_size * patch_size * 3), zero rows after the real ones;
     - mask: int32 (n, max_num_patches), 1 for real patches (transformers' `pixel_attention_mask`);

@@ -20,7 +20,7 @@ from flax import nnx
 from .checkpoint import (is_checkpoint, iter_hf_params, read_checkpoint_config, resolve_source, restore_params,
                          write_checkpoint)
 from .config import DEFAULT_MODEL, DEFAULT_TEMPLATE, ConfigError, Siglip2Config, check_template  # noqa: F401 (DEFAULT_MODEL: re-exported)
-from .images import ImagePreprocessor
+from .images import ImagePreprocessor, NaFlexBatch
 from .model.build import flatten, model_from_params, nest, unstack_layers
 from .engine import BatchEngine
 from .sharding import param_shardings
@@ -62,23 +62,25 @@ class Siglip2Pipeline:
             return nnx.merge(graphdef, state).encode_images(images)
 
         def image_tokens(state, images):
-            out = nnx.merge(graphdef, state).vision(images)
-            return out["tokens"].astype(jnp.float32)
+            return nnx.merge(graphdef, state).vision(images).tokens.astype(jnp.float32)
 
         def text_embeds(state, token_ids):
             return nnx.merge(graphdef, state).encode_texts(token_ids)
 
-        tokens_per_row = {"text": config.text.max_length if config.text else 0}
+        tokens_per_row, pad_rows = {"text": config.text.max_length if config.text else 0}, {}
         if config.vision is not None:
             image_tokens_per_row = max_num_patches if config.vision.naflex else config.vision.num_positions
             tokens_per_row.update(image=image_tokens_per_row, image_tokens=image_tokens_per_row)
+            if config.vision.naflex:
+                pad_rows.update(image=NaFlexBatch.pad_rows, image_tokens=NaFlexBatch.pad_rows)
         self.engine = BatchEngine({"image": jax.jit(image_embeds), "image_tokens": jax.jit(image_tokens),
-                                   "text": jax.jit(text_embeds)}, self._state, tokens_per_row, mesh)
+                                   "text": jax.jit(text_embeds)}, self._state, tokens_per_row, mesh, pad_rows)
 
     # ---- inputs -----------------------------------------------------------------------------------
-    def preprocess(self, images) -> np.ndarray | dict:
+    def preprocess(self, images) -> np.ndarray | NaFlexBatch:
         """Images -> the image tower's input, by `self.preprocessor` (the checkpoint's processor config):
-        FixRes float32 (n, S, S, 3); NaFlex dict(patches, mask, spatial_shapes). See `ImagePreprocessor`."""
+        FixRes float32 (n, S, S, 3); NaFlex a `NaFlexBatch` (patches, mask, spatial_shapes). See
+        `ImagePreprocessor`."""
         self._require("vision")
         return self.preprocessor(images)
 
@@ -120,8 +122,8 @@ class Siglip2Pipeline:
             n = len(items[start:start + self.batch_size])
             tokens.append(self.engine.run("image_tokens", inputs, n))
             if v.naflex:
-                masks.append(inputs["mask"].astype(bool))
-                grids.append(inputs["spatial_shapes"])
+                masks.append(inputs.mask.astype(bool))
+                grids.append(inputs.spatial_shapes)
             else:
                 masks.append(np.ones(tokens[-1].shape[:2], bool))
                 grids.append(np.full((n, 2), v.grid_size, np.int32))

@@ -31,6 +31,7 @@ import optax
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from . import defaults
 from .config import Siglip2Config
 from .losses import ring_sigmoid_loss, sigmoid_loss
 from .model.build import flat_param_shapes, flatten, model_from_params, nest, stack_layers
@@ -79,7 +80,7 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
 
 def compute_dtype(name: str):
     if name == "auto":
-        return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+        return defaults.compute_dtype()
     return jnp.dtype(name).type
 
 
@@ -407,11 +408,9 @@ def finetune(cfg: TrainConfig, *, on_step=None, progress: bool = True) -> Finetu
 
 
 def _worker_count(workers: int) -> int:
-    import os
-
     if workers >= 0:
         return workers
-    return 0 if jax.default_backend() == "cpu" else min(32, max(1, (os.cpu_count() or 2) - 1))
+    return defaults.loader_workers()
 
 
 def _check_same_run(out: Path, cfg: TrainConfig) -> None:

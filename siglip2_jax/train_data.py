@@ -129,9 +129,8 @@ class PairTransform:
         return cls(pipeline.preprocessor, pipeline.tokenizer, pipeline.config.text.max_length)
 
     def __call__(self, pair: Pair) -> dict:
-        images = self.images([pair.image])  # a batch of one: take the one
-        images = {k: v[0] for k, v in images.items()} if isinstance(images, dict) else images[0]
-        return dict(images=images, token_ids=self.tokenizer.encode([pair.caption], self.max_length)[0])
+        return dict(images=self.images.one(pair.image),
+                    token_ids=self.tokenizer.encode([pair.caption], self.max_length)[0])
 
 
 def pair_loader(pairs: Sequence[Pair], transform: PairTransform, global_batch: int, *, seed: int = 0,

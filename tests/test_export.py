@@ -45,17 +45,17 @@ def random_images(sizes, seed=0):
 
 
 @torch.no_grad()
-def assert_transformers_agrees(exported, checkpoint, image_inputs: dict, ids):
+def assert_transformers_agrees(exported, checkpoint, image_inputs, ids):
     """transformers, loaded from the exported directory, vs our model on the same inputs."""
     reference = transformers.AutoModel.from_pretrained(exported, attn_implementation="eager", dtype=torch.float32).eval()
     _, model = our_model(checkpoint)
-    if "pixels" in image_inputs:
+    if isinstance(image_inputs, dict):   # FixRes dict(pixels=...); NaFlex a NaFlexBatch
         torch_images = dict(pixel_values=torch.from_numpy(image_inputs["pixels"]).permute(0, 3, 1, 2))
         ours_image = model.encode_images(jnp.asarray(image_inputs["pixels"]), normalize=False)
     else:
-        torch_images = dict(pixel_values=torch.from_numpy(image_inputs["patches"]),
-                            pixel_attention_mask=torch.from_numpy(image_inputs["mask"]),
-                            spatial_shapes=torch.from_numpy(image_inputs["spatial_shapes"]).long())
+        torch_images = dict(pixel_values=torch.from_numpy(image_inputs.patches),
+                            pixel_attention_mask=torch.from_numpy(image_inputs.mask),
+                            spatial_shapes=torch.from_numpy(image_inputs.spatial_shapes).long())
         ours_image = model.encode_images(image_inputs, normalize=False)
     out = reference(input_ids=torch.from_numpy(ids).long(), **torch_images)
     image, text = normalize(ours_image), normalize(model.encode_texts(jnp.asarray(ids), normalize=False))
@@ -133,9 +133,9 @@ def test_export_naflex_sharded_loads_in_transformers(tmp_path, tokenizer_model):
     processor = transformers.AutoProcessor.from_pretrained(out, backend="pil")
     hf = processor.image_processor(images, return_tensors="np")
     ours = preprocess_naflex(images, 16, 256)
-    assert np.array_equal(hf["pixel_values"], ours["patches"])
-    assert np.array_equal(hf["pixel_attention_mask"], ours["mask"])
-    assert np.array_equal(hf["spatial_shapes"], ours["spatial_shapes"])
+    assert np.array_equal(hf["pixel_values"], ours.patches)
+    assert np.array_equal(hf["pixel_attention_mask"], ours.mask)
+    assert np.array_equal(hf["spatial_shapes"], ours.spatial_shapes)
     config = read_checkpoint_config(tmp_path / "ours")
     ids = np.random.default_rng(3).integers(0, config.text.vocab_size, (2, 64)).astype(np.int32)
     print(assert_transformers_agrees(out, tmp_path / "ours", ours, ids))

@@ -129,34 +129,34 @@ def test_naflex_bit_exact_with_transformers(max_num_patches):
     reference = _hf_naflex(max_num_patches)([Image.fromarray(a) for a in arrays], return_tensors="np")
     ours = preprocess_naflex(arrays, patch_size=16, max_num_patches=max_num_patches)
     n = len(NAFLEX_SIZES)
-    assert ours["patches"].shape == (n, max_num_patches, 16 * 16 * 3) and ours["patches"].dtype == np.float32
-    assert ours["mask"].shape == (n, max_num_patches) and ours["mask"].dtype == np.int32
-    assert ours["spatial_shapes"].shape == (n, 2) and ours["spatial_shapes"].dtype == np.int32
-    assert np.abs(ours["patches"] - reference["pixel_values"]).max() == 0
-    assert np.array_equal(ours["mask"], reference["pixel_attention_mask"])
-    assert np.array_equal(ours["spatial_shapes"], reference["spatial_shapes"])
+    assert ours.patches.shape == (n, max_num_patches, 16 * 16 * 3) and ours.patches.dtype == np.float32
+    assert ours.mask.shape == (n, max_num_patches) and ours.mask.dtype == np.int32
+    assert ours.spatial_shapes.shape == (n, 2) and ours.spatial_shapes.dtype == np.int32
+    assert np.abs(ours.patches - reference["pixel_values"]).max() == 0
+    assert np.array_equal(ours.mask, reference["pixel_attention_mask"])
+    assert np.array_equal(ours.spatial_shapes, reference["spatial_shapes"])
     # The mask counts exactly the real patches, and padding rows are zero.
-    assert np.array_equal(ours["mask"].sum(1), ours["spatial_shapes"].prod(1))
-    assert not ours["patches"][ours["mask"] == 0].any()
+    assert np.array_equal(ours.mask.sum(1), ours.spatial_shapes.prod(1))
+    assert not ours.patches[ours.mask == 0].any()
 
 
 def test_naflex_patch_layout_is_py_px_c():
     # One 32x48 image, no resize needed at budget 6: patch (r, c) holds pixels [16r:16r+16, 16c:16c+16].
     array = _random_images([(32, 48)])[0]
     out = preprocess_naflex(array, patch_size=16, max_num_patches=6)
-    assert out["spatial_shapes"].tolist() == [[2, 3]]
+    assert out.spatial_shapes.tolist() == [[2, 3]]
     pixels = (array.astype(np.float64) * (1 / 255)).astype(np.float32)
     pixels = (pixels - np.float32(0.5)) / np.float32(0.5)
     for r in range(2):
         for c in range(3):
             expected = pixels[16 * r : 16 * r + 16, 16 * c : 16 * c + 16].reshape(-1)
-            assert np.array_equal(out["patches"][0, 3 * r + c], expected)
+            assert np.array_equal(out.patches[0, 3 * r + c], expected)
 
 
 def test_naflex_parity_can_fail():
     arrays = _random_images([(480, 640)])
     reference = _hf_naflex(256)([Image.fromarray(a) for a in arrays], return_tensors="np")["pixel_values"]
-    bicubic = preprocess_naflex(arrays, resample=Image.Resampling.BICUBIC)["patches"]
+    bicubic = preprocess_naflex(arrays, resample=Image.Resampling.BICUBIC).patches
     assert np.abs(bicubic - reference).max() > 0.01
 
 
@@ -258,7 +258,7 @@ def test_one_pixel_image(tmp_path):
     assert preprocess_fixres(tmp_path / "dot.png", 224).shape == (1, 224, 224, 3)
     # NaFlex never scales up more than 100x: one pixel becomes 112 x 112 (7 x 7 patches), as in transformers.
     assert naflex_target_size(1, 1) == hf_target_size(1, 1, patch_size=16, max_num_patches=256) == (112, 112)
-    assert preprocess_naflex(tmp_path / "dot.png")["spatial_shapes"].tolist() == [[7, 7]]
+    assert preprocess_naflex(tmp_path / "dot.png").spatial_shapes.tolist() == [[7, 7]]
 
 
 def test_exif_orientation_is_applied(tmp_path):
@@ -361,3 +361,14 @@ def test_truncated_jpeg_refused_even_if_someone_allows_truncated_images(tmp_path
     monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
     _assert_image_error(tmp_path / "cut.jpg", "cut.jpg", "LOAD_TRUNCATED_IMAGES")
     assert load_image(Image.new("L", (3, 2))).size == (3, 2)  # images already in memory are fine
+
+
+def test_naflex_padding_rows():
+    """The engine's padding images for NaFlex: zero patches on a 1x1 grid with one valid patch (never 0x0);
+    the real rows are untouched, and a full batch is returned as is."""
+    batch = preprocess_naflex([np.full((32, 48, 3), 200, np.uint8)], 16, 8)
+    padded = batch.pad_rows(4)
+    assert padded.patches.shape == (4, 8, 16 * 16 * 3) and not padded.patches[1:].any()
+    assert padded.spatial_shapes[1:].tolist() == [[1, 1]] * 3 and padded.mask[1:].tolist() == [[1] + [0] * 7] * 3
+    assert all(np.array_equal(a, b) for a, b in zip(padded.row(0), batch.row(0)))
+    assert all(x.dtype == y.dtype for x, y in zip(padded, batch)) and batch.pad_rows(1) is batch

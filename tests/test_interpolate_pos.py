@@ -84,4 +84,4 @@ def test_load_at_another_size_matches_transformers_interpolate_pos_encoding(name
 
 
 def _pooled_tokens(out):
-    return out["pooled"], out["tokens"]
+    return out.pooled, out.tokens

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from siglip2_jax.images import preprocess_naflex
-from siglip2_jax.model import layers, vision
+from siglip2_jax.model import attention, vision
 from siglip2_jax.model.build import model_from_params
 from reference import convert_reference, make_reference, preset_hf_config, save_reference, scaled_down
 
@@ -31,8 +31,8 @@ def normalize(x):
 
 @torch.no_grad()
 def reference_outputs(model, inputs, ids):
-    out = model(pixel_values=torch.from_numpy(inputs["patches"]), pixel_attention_mask=torch.from_numpy(inputs["mask"]),
-                spatial_shapes=torch.from_numpy(inputs["spatial_shapes"]).long(), input_ids=torch.from_numpy(ids).long(),
+    out = model(pixel_values=torch.from_numpy(inputs.patches), pixel_attention_mask=torch.from_numpy(inputs.mask),
+                spatial_shapes=torch.from_numpy(inputs.spatial_shapes).long(), input_ids=torch.from_numpy(ids).long(),
                 output_hidden_states=True)
     vision_out = out.vision_model_output
     return dict(image=out.image_embeds.numpy(), text=out.text_embeds.numpy(), logits=out.logits_per_image.numpy(),
@@ -41,11 +41,11 @@ def reference_outputs(model, inputs, ids):
 
 
 def our_outputs(model, inputs, ids):
-    v = model.vision(jax.tree.map(jnp.asarray, inputs), return_hidden=True)
-    image, text = normalize(v["pooled"]), normalize(model.encode_texts(jnp.asarray(ids), normalize=False))
+    v = model.vision(jax.tree.map(jnp.asarray, inputs), hidden_layers=range(model.config.vision.depth))
+    image, text = normalize(v.pooled), normalize(model.encode_texts(jnp.asarray(ids), normalize=False))
     logits = model.logits(jnp.asarray(image, jnp.float32), jnp.asarray(text, jnp.float32))
-    return dict(image=image, text=text, logits=np.asarray(logits), pooled=np.asarray(v["pooled"]),
-                tokens=np.asarray(v["tokens"]), hidden=np.asarray(v["hidden"]))
+    return dict(image=image, text=text, logits=np.asarray(logits), pooled=np.asarray(v.pooled),
+                tokens=np.asarray(v.tokens), hidden=np.asarray(v.hidden))
 
 
 def diffs(ours, ref, mask):
@@ -84,9 +84,9 @@ def setup(tmp_path, name, scaled, budget=256, seed=0, **model_kw):
 ])
 def test_scaled_down_naflex_matches_transformers(name, budget, implementation, tmp_path, monkeypatch):
     model, reference, inputs, ids = setup(tmp_path, name, scaled=True, budget=budget, attention_impl=implementation)
-    assert len({tuple(s) for s in inputs["spatial_shapes"]}) >= 8
+    assert len({tuple(s) for s in inputs.spatial_shapes}) >= 8
     ref = reference_outputs(reference, inputs, ids)
-    d = diffs(our_outputs(model, inputs, ids), ref, inputs["mask"])
+    d = diffs(our_outputs(model, inputs, ids), ref, inputs.mask)
     print(f"{name} budget {budget}: {d}")
     assert_parity(d)
 
@@ -95,10 +95,10 @@ def test_scaled_down_naflex_matches_transformers(name, budget, implementation, t
 
 def test_grouped_attention_with_masks_matches_transformers(tmp_path, monkeypatch):
     """Padding masks through the CPU attention that loops over groups of (image, head) pairs."""
-    monkeypatch.setattr(layers, "LOGITS_BYTES_ONE_STEP", 0)
-    monkeypatch.setattr(layers, "LOGITS_BYTES_PER_STEP", 3 * 256 * 256 * 4)
+    monkeypatch.setattr(attention, "LOGITS_BYTES_ONE_STEP", 0)
+    monkeypatch.setattr(attention, "LOGITS_BYTES_PER_STEP", 3 * 256 * 256 * 4)
     model, reference, inputs, ids = setup(tmp_path, "siglip2-base-patch16-naflex", scaled=True, attention_impl="einsum")
-    assert_parity(diffs(our_outputs(model, inputs, ids), reference_outputs(reference, inputs, ids), inputs["mask"]))
+    assert_parity(diffs(our_outputs(model, inputs, ids), reference_outputs(reference, inputs, ids), inputs.mask))
 
 
 def no_antialias(out_size, in_size, rows):
@@ -114,7 +114,7 @@ def assert_fails_without_antialias(model, inputs, ids, ref, monkeypatch):
     """The same comparison goes red once the position resize loses its antialias."""
     monkeypatch.setattr(vision, "bilinear_antialias_weights", no_antialias)
     with pytest.raises(AssertionError):
-        assert_parity(diffs(our_outputs(model, inputs, ids), ref, inputs["mask"]))
+        assert_parity(diffs(our_outputs(model, inputs, ids), ref, inputs.mask))
 
 
 @pytest.mark.slow
@@ -122,7 +122,7 @@ def test_full_size_base_naflex_matches_transformers(tmp_path, monkeypatch):
     model, reference, inputs, ids = setup(tmp_path, "siglip2-base-patch16-naflex", scaled=False, seed=5)
     ref = reference_outputs(reference, inputs, ids)
     del reference
-    d = diffs(our_outputs(model, inputs, ids), ref, inputs["mask"])
+    d = diffs(our_outputs(model, inputs, ids), ref, inputs.mask)
     print(f"base-patch16-naflex full size: {d}")
     assert_parity(d)
     assert_fails_without_antialias(model, inputs, ids, ref, monkeypatch)
@@ -154,6 +154,6 @@ def test_new_aspect_ratios_compile_nothing(tmp_path):
     assert len(compiles) >= 1
     before = len(compiles)
     second = preprocess_naflex(images([(37, 911), (911, 37), (90, 700), (600, 200)], seed=2), 16, 256)
-    assert not {tuple(s) for s in second["spatial_shapes"]} & {tuple(s) for s in first["spatial_shapes"]}
+    assert not {tuple(s) for s in second.spatial_shapes} & {tuple(s) for s in first.spatial_shapes}
     jax.block_until_ready(encode(state, second))
     assert len(compiles) == before, compiles[before:]

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from siglip2_jax.config import preset_names
-from siglip2_jax.model import layers
+from siglip2_jax.model import attention
 from siglip2_jax.model.build import flatten, model_from_params, nest, stack_layers, unstack_layers
 from reference import convert_reference, make_reference, preset_hf_config, save_reference, scaled_down
 
@@ -44,9 +44,9 @@ def reference_outputs(model, pixels, ids):
 
 def our_outputs(model, pixels, ids):
     images = model.vision(jnp.asarray(pixels))
-    image, text = normalize(images["pooled"]), normalize(model.encode_texts(jnp.asarray(ids), normalize=False))
+    image, text = normalize(images.pooled), normalize(model.encode_texts(jnp.asarray(ids), normalize=False))
     return dict(image=image, text=text, logits=np.asarray(model.logits(jnp.asarray(image, jnp.float32), jnp.asarray(text, jnp.float32))),
-                tokens=np.asarray(images["tokens"]))
+                tokens=np.asarray(images.tokens))
 
 
 def max_diffs(ours, ref):
@@ -149,8 +149,8 @@ def test_both_attention_paths_match_transformers(small_pair, implementation, sta
 @pytest.mark.parametrize("bytes_per_step", [1, 40_000], ids=["one_pair", "several_pairs"])
 def test_grouped_attention_matches_transformers(small_pair, monkeypatch, bytes_per_step):
     """The CPU attention that loops over groups of (image, head) pairs when their logits are large."""
-    monkeypatch.setattr(layers, "LOGITS_BYTES_ONE_STEP", 0)
-    monkeypatch.setattr(layers, "LOGITS_BYTES_PER_STEP", bytes_per_step)
+    monkeypatch.setattr(attention, "LOGITS_BYTES_ONE_STEP", 0)
+    monkeypatch.setattr(attention, "LOGITS_BYTES_PER_STEP", bytes_per_step)
     config, params, pixels, ids, ref = small_pair
     model = model_from_params(config, nest(unstack_layers(flatten(params))), attention_impl="einsum")
     jaxpr = str(jax.make_jaxpr(lambda x: model.encode_texts(x))(jnp.asarray(ids)))
@@ -159,11 +159,11 @@ def test_grouped_attention_matches_transformers(small_pair, monkeypatch, bytes_p
 
 
 def test_pairs_per_step():
-    assert layers._pairs_per_step(96, 64 * 64 * 4) == 96                 # small logits: one step
-    assert layers._pairs_per_step(128, 729 * 729 * 4) == 2               # So400m: 2 x 2.1 MB per step
-    assert layers._pairs_per_step(16, 729 * 729 * 4) == 2
-    assert layers._pairs_per_step(7, 729 * 729 * 4) == 1                 # prime: one pair per step
-    assert layers._pairs_per_step(12, 4096 * 4096 * 4) == 1              # over the budget alone: still one
+    assert attention._pairs_per_step(96, 64 * 64 * 4) == 96                 # small logits: one step
+    assert attention._pairs_per_step(128, 729 * 729 * 4) == 2               # So400m: 2 x 2.1 MB per step
+    assert attention._pairs_per_step(16, 729 * 729 * 4) == 2
+    assert attention._pairs_per_step(7, 729 * 729 * 4) == 1                 # prime: one pair per step
+    assert attention._pairs_per_step(12, 4096 * 4096 * 4) == 1              # over the budget alone: still one
 
 
 def test_layer_layouts_round_trip(small_pair):
@@ -177,3 +177,19 @@ def test_layer_layouts_round_trip(small_pair):
     assert set(back) == set(flat)
     for path in flat:
         np.testing.assert_array_equal(np.asarray(back[path]), np.asarray(flat[path]))
+
+
+@pytest.mark.parametrize("stacked", [True, False], ids=["stacked", "per_layer"])
+def test_hidden_layers_are_the_blocks_asked_for(small_pair, stacked):
+    """hidden_layers returns the outputs of the blocks asked for, in that order (negative: from the last),
+    the same as the full stack's rows; none asked: None; a block that does not exist: ValueError."""
+    config, params, pixels, *_ = small_pair
+    model = model_from_params(config, params if stacked else nest(unstack_layers(flatten(params))))
+    x, depth = jnp.asarray(pixels), config.vision.depth
+    every = model.vision(x, hidden_layers=range(depth))
+    some = model.vision(x, hidden_layers=[depth - 1, 0, -2])
+    assert model.vision(x).hidden is None and every.hidden.shape == (depth, *every.tokens.shape)
+    assert np.array_equal(some.hidden, every.hidden[np.array([depth - 1, 0, depth - 2])])
+    assert np.array_equal(some.pooled, model.vision(x).pooled)
+    with pytest.raises(ValueError, match="blocks"):
+        model.vision(x, hidden_layers=[depth])

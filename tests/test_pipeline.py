@@ -11,7 +11,7 @@ import transformers
 from PIL import Image
 
 import siglip2_jax
-from siglip2_jax import engine as engine_module
+from siglip2_jax import defaults
 from siglip2_jax.checkpoint import SourceError
 from siglip2_jax.sharding import make_mesh
 from conftest import hf_dir_for, run_notebook
@@ -134,7 +134,7 @@ def test_cpu_batches_run_as_calls_of_few_tokens(fixres, photo_files, monkeypatch
     whole = siglip2_jax.load(fixres[1], mesh=mesh)
     images, texts = photo_files * 3, TEXTS * 5
     expected_images, expected_texts = whole.encode_images(images), whole.encode_texts(texts)
-    monkeypatch.setattr(engine_module, "CPU_TOKENS_PER_CALL", 1)   # one row per device per call
+    monkeypatch.setattr(defaults, "CPU_TOKENS_PER_CALL", 1)   # one row per device per call
     calls = []
     split = siglip2_jax.load(fixres[1], mesh=mesh)
     for kind in ("image", "text"):
@@ -152,7 +152,7 @@ def test_cpu_runs_no_bucket_of_padding(fixres, photo_files, monkeypatch):
     model = siglip2_jax.load(fixres[1])
     images = (photo_files * 4)[:7]
     expected = model.encode_images(images)
-    monkeypatch.setattr(engine_module, "CPU_TOKENS_PER_CALL", 4 * model.engine.tokens_per_row["image"])
+    monkeypatch.setattr(defaults, "CPU_TOKENS_PER_CALL", 4 * model.engine.tokens_per_row["image"])
     assert model.engine.call_sizes("image", 7) == [4, 2, 1]
     assert model.engine.call_sizes("image", 17) == [4, 4, 4, 4, 1]
     assert model.engine.buckets("image", 17) == [1, 2, 4]

@@ -87,10 +87,10 @@ def test_naflex_fields_bit_exact_with_transformers(tmp_path, change):
     images = [image.convert("RGB") for image in _images()]  # do_convert_rgb null: transformers does not convert
     ours = ImagePreprocessor.from_dir(directory, NAFLEX)(images)
     reference = _reference(directory, images, naflex=True)
-    assert ours["patches"].shape == (len(images), 64, 16 * 16 * 3)
-    assert np.array_equal(ours["patches"], reference["pixel_values"].astype(np.float32))
-    assert np.array_equal(ours["mask"], reference["pixel_attention_mask"])
-    assert np.array_equal(ours["spatial_shapes"], reference["spatial_shapes"])
+    assert ours.patches.shape == (len(images), 64, 16 * 16 * 3)
+    assert np.array_equal(ours.patches, reference["pixel_values"].astype(np.float32))
+    assert np.array_equal(ours.mask, reference["pixel_attention_mask"])
+    assert np.array_equal(ours.spatial_shapes, reference["spatial_shapes"])
 
 
 def test_budget_and_no_resize_bit_exact_with_transformers(tmp_path):
@@ -100,8 +100,8 @@ def test_budget_and_no_resize_bit_exact_with_transformers(tmp_path):
     fits = [Image.fromarray(rng.integers(0, 256, s, dtype=np.uint8)) for s in [(64, 80, 3), (16, 320, 3), (32, 32, 3)]]
     ours = ImagePreprocessor.from_dir(naflex, NAFLEX)(fits)
     reference = _reference(naflex, fits, naflex=True)
-    assert np.array_equal(ours["patches"], reference["pixel_values"])
-    assert np.array_equal(ours["spatial_shapes"], reference["spatial_shapes"])
+    assert np.array_equal(ours.patches, reference["pixel_values"])
+    assert np.array_equal(ours.spatial_shapes, reference["spatial_shapes"])
     square = [Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))]
     reference = _reference(fixres, square, naflex=False)["pixel_values"].transpose(0, 2, 3, 1)
     assert np.array_equal(ImagePreprocessor.from_dir(fixres, FIXRES)(square), reference)

@@ -15,7 +15,7 @@ import pytest
 
 import siglip2_jax
 from siglip2_jax.embed import embed, read_embeddings
-from siglip2_jax.model import layers
+from siglip2_jax.model import attention
 from siglip2_jax.sharding import make_mesh
 from conftest import hf_dir_for
 from test_embed import write_photos
@@ -34,8 +34,8 @@ def embed_on(mesh, model_dir, root, out, **kwargs):
 def test_eight_devices_equal_one(fixres, tmp_path, monkeypatch, grouped_attention):
     assert len(jax.devices()) == 8
     if grouped_attention:   # the CPU loop over (image, head) pairs, with the batch and heads sharded
-        monkeypatch.setattr(layers, "LOGITS_BYTES_ONE_STEP", 0)
-        monkeypatch.setattr(layers, "LOGITS_BYTES_PER_STEP", 1)
+        monkeypatch.setattr(attention, "LOGITS_BYTES_ONE_STEP", 0)
+        monkeypatch.setattr(attention, "LOGITS_BYTES_PER_STEP", 1)
     root = tmp_path / "photos"
     paths = write_photos(root, 12, seed=3)
     one_paths, one = embed_on(make_mesh(1, jax.devices()[:1]), fixres[1], root, tmp_path / "one")

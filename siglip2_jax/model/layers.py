@@ -11,12 +11,32 @@ Conventions:
 
 from __future__ import annotations
 
+from typing import NamedTuple, Sequence
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from .attention import attention_core, matmul, project
+
 Array = jax.Array
 _lecun = nnx.initializers.lecun_normal()
+
+
+class TowerOutput(NamedTuple):
+    """What a tower returns (a pytree: it can leave a `jit`).
+
+    pooled: (B, P) float32, the tower's embedding before L2 normalization;
+    tokens: (B, N, D) in the compute dtype, the encoder's output after the final LayerNorm (images: the
+        patch features the pooling head reads);
+    mask: (B, N) bool, False for padding tokens (NaFlex), or None (every token is real);
+    hidden: (len(hidden_layers), B, N, D), the outputs of the blocks asked for, in the order asked, or None.
+    """
+
+    pooled: Array
+    tokens: Array
+    mask: Array | None = None
+    hidden: Array | None = None
 
 
 def param(rngs: nnx.Rngs | None, shape, axes, dtype, init=_lecun) -> nnx.Param:
@@ -32,16 +52,6 @@ def zeros(shape, axes, dtype) -> nnx.Param:
 
 def ones(shape, axes, dtype) -> nnx.Param:
     return param(None, shape, axes, dtype, nnx.initializers.ones)
-
-
-def matmul(x: Array, kernel: Array) -> Array:
-    """x (..., D) @ kernel (D, N) -> (..., N), accumulated in float32 and returned in x's dtype.
-
-    For float32 this is plain `x @ kernel`. For bfloat16 it is the precise form, and on CPU also the fast
-    one: XLA:CPU runs bf16 x bf16 -> f32 dots on its AVX512-BF16/AMX library kernels, while a dot with a
-    bf16 result takes a slow path. At 1568x768x3072 on the 2-core Xeon: 415 GFLOP/s, against 142 for the
-    bf16 result and 134 for float32 (`python bench/peers.py --runtimes ours ours-bf16` times the towers)."""
-    return jnp.matmul(x, kernel, preferred_element_type=jnp.float32).astype(x.dtype)
 
 
 class LayerNorm(nnx.Module):
@@ -78,18 +88,12 @@ class Mlp(nnx.Module):
 
 
 class Attention(nnx.Module):
-    """Multi-head attention with one fused (in, q|k|v, heads, head_dim) projection.
+    """Multi-head attention with one fused (in, q|k|v, heads, head_dim) projection: project, then the
+    attention core (`siglip2_jax.model.attention`), then the output projection.
 
     Self-attention runs the fused projection as one matmul; the MAP head's cross-attention (a learned
     query against the tokens) uses the same weights, split into the query part and the key/value part.
-    Projections are plain 2-D matmuls against the kernels as stored ((in, out) after a free reshape), and
-    the activations are what gets transposed: einsums that ask for a heads-major output made XLA
-    transpose the whole weight matrix on every call (~30% of a text layer at batch 1 on CPU).
-
-    `implementation`: "einsum" runs the attention core heads-major, (B, H, T, E), with plain einsums
-    (the fastest on CPU); "xla" or "cudnn" call `jax.nn.dot_product_attention` with that implementation
-    (cudnn: flash attention on NVIDIA GPUs); None picks cudnn-capable `dot_product_attention` on GPU and
-    "einsum" elsewhere. The softmax is float32 in every case.
+    `implementation`: "einsum", "xla", "cudnn", or None for the backend's default (see `attention_core`).
     """
 
     def __init__(self, width: int, num_heads: int, *, dtype, param_dtype, rngs, implementation=None):
@@ -109,79 +113,21 @@ class Attention(nnx.Module):
         w, b = self.qkv_kernel[...].astype(c), self.qkv_bias[...].astype(c)
         x = x.astype(c)
         if query is None:
-            return self._attend(*_project(x, w, b), key_mask)
+            return self._attend(*project(x, w, b), key_mask)
         # cross-attention (the MAP head): a query shared by the batch is projected once, and each
         # image's few rows are attended and projected in fixed blocks of images (see in_row_blocks)
-        (q,) = _project(query.astype(c), w[:, :1], b[:1])
+        (q,) = project(query.astype(c), w[:, :1], b[:1])
         q = jnp.broadcast_to(q, (x.shape[0], *q.shape[1:]))
-        k, v = _project(x, w[:, 1:], b[1:])
+        k, v = project(x, w[:, 1:], b[1:])
         return in_row_blocks(lambda block: self._attend(*block), (q, k, v, key_mask))
 
     def _attend(self, q, k, v, key_mask) -> Array:
         """(B, T, H, E) q and (B, S, H, E) k, v -> (B, T, D) attention output, projected."""
         c = self.dtype
-        impl = self.implementation or ("einsum" if jax.default_backend() != "gpu" else None)
-        if impl == "einsum":
-            out = self._heads_major_attention(q, k, v, key_mask)
-        else:
-            mask = None if key_mask is None else key_mask[:, None, None, :]
-            out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=self.scale, implementation=impl)
+        out = attention_core(q, k, v, key_mask, self.scale, self.implementation)
         batch, length, heads, head_dim = out.shape
         wo = self.out_kernel[...].astype(c).reshape(heads * head_dim, -1)
         return matmul(out.reshape(batch, length, heads * head_dim), wo) + self.out_bias[...].astype(c)
-
-    def _heads_major_attention(self, q, k, v, key_mask) -> Array:
-        """(B, T, H, E) in and out; inside, (B, H, T, E) so that every einsum is a plain batched matmul."""
-        q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
-        q = q * jnp.asarray(self.scale, q.dtype)   # on q, not the logits: T*E products instead of T*S
-        mask = None if key_mask is None else key_mask[:, None, None, :]
-        batch, heads, length, head_dim = q.shape
-        pairs = batch * heads
-        group = _pairs_per_step(pairs, length * k.shape[2] * 4) if jax.default_backend() == "cpu" else pairs
-        if group == pairs:
-            out = _softmax_attention(q, k, v, mask)
-        else:
-            # one (T, S) logits matrix per (image, head) of a few MB: computed all at once they leave the
-            # cache between the two matmuls (3x slower at So400m's 729 tokens on CPU), so loop over groups
-            steps = [t.reshape(pairs // group, group, *t.shape[2:]) for t in (q, k, v)]
-            if mask is not None:
-                mask = jnp.broadcast_to(mask, (batch, heads, 1, mask.shape[-1]))
-                steps.append(mask.reshape(pairs // group, group, 1, -1))
-            out = jax.lax.map(lambda a: _softmax_attention(*a[:3], a[3] if len(a) > 3 else None), steps)
-            out = out.reshape(batch, heads, length, head_dim)
-        return out.transpose(0, 2, 1, 3)
-
-
-# Logits of at most this many bytes per (image, head) pair are computed for the whole batch at once;
-# larger ones in groups of pairs of up to LOGITS_BYTES_PER_STEP (CPU only; measured on x86-64).
-LOGITS_BYTES_ONE_STEP = 1 << 19
-LOGITS_BYTES_PER_STEP = 8 << 20
-
-
-def _pairs_per_step(pairs: int, pair_bytes: int) -> int:
-    if pair_bytes <= LOGITS_BYTES_ONE_STEP:
-        return pairs
-    limit = max(1, LOGITS_BYTES_PER_STEP // pair_bytes)
-    return max(d for d in range(1, min(pairs, limit) + 1) if pairs % d == 0)
-
-
-def _softmax_attention(q: Array, k: Array, v: Array, mask: Array | None) -> Array:
-    """softmax(q k^T) v over the last two axes, normalised after the second matmul (T*E divisions
-    instead of T*S); logits and the softmax in float32."""
-    logits = jnp.einsum("...te,...se->...ts", q, k, preferred_element_type=jnp.float32)
-    if mask is not None:
-        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    weights = jnp.exp(logits - logits.max(-1, keepdims=True))
-    out = jnp.einsum("...ts,...se->...te", weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return (out / weights.sum(-1, keepdims=True)).astype(v.dtype)
-
-
-def _project(x: Array, kernel: Array, bias: Array) -> list[Array]:
-    """x (B, S, D) times kernel (D, n, H, E) plus bias (n, H, E) -> n arrays of (B, S, H, E)."""
-    batch, length, width = x.shape
-    _, n, heads, head_dim = kernel.shape
-    y = matmul(x.reshape(batch * length, width), kernel.reshape(width, -1)).reshape(batch, length, n, heads, head_dim)
-    return list(jnp.unstack(y + bias, axis=2))
 
 
 class EncoderBlock(nnx.Module):
@@ -212,6 +158,7 @@ class Encoder(nnx.Module):
     """
 
     def __init__(self, depth: int, *, rngs: nnx.Rngs, stacked: bool = True, **block_kwargs):
+        self.depth = depth
         keys = jax.random.split(rngs.params(), depth)
 
         @nnx.vmap(in_axes=0, out_axes=0)
@@ -232,23 +179,55 @@ class Encoder(nnx.Module):
             if isinstance(var, nnx.Param):
                 var.set_metadata("axes", ("layers", *var.get_metadata()["axes"]))
 
-    def __call__(self, x: Array, key_mask: Array | None = None, return_hidden: bool = False):
-        """Returns (output, per-block outputs stacked as (depth, B, S, D) or None)."""
+    def __call__(self, x: Array, key_mask: Array | None = None, hidden_layers: Sequence[int] | None = None):
+        """x: (B, S, D); key_mask: (B, S) bool or None. Returns (output (B, S, D), the outputs of blocks
+        `hidden_layers` (0 = the first block, negative from the last) stacked as (len, B, S, D), or None
+        when hidden_layers is None). Only the blocks asked for are kept. Raises ValueError for a block
+        index out of range."""
+        wanted = self.layer_indices(hidden_layers)
+        asked = set(wanted or ())
         if not self.stacked:
-            hidden = []
-            for block in self.layers:
+            outputs = {}
+            for i, block in enumerate(self.layers):
                 x = block(x, key_mask)
-                hidden.append(x)
-            return x, (jnp.stack(hidden) if return_hidden else None)
+                if i in asked:
+                    outputs[i] = x
+            return x, _stacked_outputs(outputs, wanted, x)
 
         graphdef, stacked = nnx.split(self.blocks)
 
         def step(h, layer_state):
-            h = nnx.merge(graphdef, layer_state)(h, key_mask)
-            return h, (h if return_hidden else None)
+            return nnx.merge(graphdef, layer_state)(h, key_mask), None
 
-        x, hidden = jax.lax.scan(step, x, stacked)
-        return x, hidden
+        # one scan per run of blocks up to a block asked for (one scan in all when none is asked for), so
+        # that no more than the asked outputs are kept
+        outputs, start = {}, 0
+        for stop in sorted({i + 1 for i in asked}) + [self.depth]:
+            if stop > start:
+                part = stacked if (start, stop) == (0, self.depth) else jax.tree.map(lambda w: w[start:stop], stacked)
+                x, _ = jax.lax.scan(step, x, part)
+                outputs[stop - 1] = x
+            start = stop
+        return x, _stacked_outputs(outputs, wanted, x)
+
+    def layer_indices(self, hidden_layers: Sequence[int] | None) -> list[int] | None:
+        """`hidden_layers` as block indices 0 .. depth - 1 (negative ones count from the last block)."""
+        if hidden_layers is None:
+            return None
+        indices = []
+        for i in hidden_layers:
+            if not -self.depth <= int(i) < self.depth:
+                raise ValueError(f"hidden layer {i}: the encoder has {self.depth} blocks (0 .. {self.depth - 1})")
+            indices.append(int(i) % self.depth)
+        return indices
+
+
+def _stacked_outputs(outputs: dict[int, Array], wanted: list[int] | None, x: Array) -> Array | None:
+    if wanted is None:
+        return None
+    if not wanted:
+        return jnp.zeros((0, *x.shape), x.dtype)
+    return jnp.stack([outputs[i] for i in wanted])
 
 
 class MapHead(nnx.Module):

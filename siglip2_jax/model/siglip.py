@@ -37,11 +37,11 @@ class Siglip2(nnx.Module):
             self.logit_bias = zeros((), (), jnp.float32)
 
     def encode_images(self, images, normalize: bool = True) -> Array:
-        pooled = self.vision(images)["pooled"]
+        pooled = self.vision(images).pooled
         return l2_normalize(pooled) if normalize else pooled
 
     def encode_texts(self, token_ids: Array, normalize: bool = True) -> Array:
-        pooled = self.text(token_ids)["pooled"]
+        pooled = self.text(token_ids).pooled
         return l2_normalize(pooled) if normalize else pooled
 
     def logits(self, image_embeds: Array, text_embeds: Array) -> Array:

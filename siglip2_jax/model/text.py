@@ -7,12 +7,14 @@ as is, not "fixed".
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from ..config import TextConfig
-from .layers import Encoder, LayerNorm, in_row_blocks, matmul, param, zeros
+from .layers import Encoder, LayerNorm, TowerOutput, in_row_blocks, matmul, param, zeros
 
 Array = jax.Array
 
@@ -34,19 +36,18 @@ class TextTower(nnx.Module):
         self.head_kernel = param(rngs, (cfg.width, cfg.projection_size), ("embed", "proj"), param_dtype)
         self.head_bias = zeros((cfg.projection_size,), ("proj",), param_dtype)
 
-    def __call__(self, token_ids: Array, return_hidden: bool = False) -> dict:
+    def __call__(self, token_ids: Array, hidden_layers: Sequence[int] | None = None) -> TowerOutput:
         """token_ids: (B, L) int, L <= max_length (always max_length for the released models).
-        Returns dict(pooled (B, P) float32, tokens (B, L, D), hidden (depth, B, L, D) if asked)."""
+        Returns a `TowerOutput`: pooled (B, P) float32, tokens (B, L, D), mask None (every position is
+        attended, pads included), hidden (len(hidden_layers), B, L, D) the blocks asked for, or None.
+        Raises ValueError for ids of another shape."""
         if token_ids.ndim != 2 or token_ids.shape[1] > self.max_length:
             raise ValueError(f"expected token ids of shape (batch, {self.max_length}), got {tuple(token_ids.shape)}")
         length = token_ids.shape[1]
         x = jnp.take(self.token_embed[...], token_ids, axis=0).astype(jnp.float32) + self.position[:length]
-        x, hidden = self.encoder(x.astype(self.dtype), None, return_hidden)
+        x, hidden = self.encoder(x.astype(self.dtype), None, hidden_layers)
         tokens = self.final_norm(x)
         c = self.dtype
         pooled = in_row_blocks(lambda r: matmul(r, self.head_kernel[...].astype(c)) + self.head_bias[...].astype(c),
                                tokens[:, -1])
-        out = dict(pooled=pooled.astype(jnp.float32), tokens=tokens)
-        if return_hidden:
-            out["hidden"] = hidden
-        return out
+        return TowerOutput(pooled.astype(jnp.float32), tokens, None, hidden)

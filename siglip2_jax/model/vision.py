@@ -8,12 +8,15 @@ Embeddings are computed in float32 whatever the compute dtype: casting them earl
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from ..config import VisionConfig
-from .layers import Encoder, LayerNorm, MapHead, param, zeros
+from ..images import NaFlexBatch
+from .layers import Encoder, LayerNorm, MapHead, TowerOutput, param, zeros
 
 Array = jax.Array
 _EXACT = jax.lax.Precision.HIGHEST  # keep float32 embeddings float32 on TPU/GPU too (no bf16 passes)
@@ -126,9 +129,10 @@ class NaFlexEmbedding(nnx.Module):
         self.position = param(rngs, (cfg.num_positions, cfg.width), (None, "embed"), jnp.float32,
                               nnx.initializers.normal(cfg.width ** -0.5))
 
-    def __call__(self, images: dict) -> tuple[Array, Array]:
-        """images: dict(patches (B, N, p*p*3), mask (B, N), spatial_shapes (B, 2) = (h, w) in patches)."""
-        patches, mask, shapes = images["patches"], images["mask"], images["spatial_shapes"]
+    def __call__(self, images: NaFlexBatch) -> tuple[Array, Array]:
+        """images: a `NaFlexBatch`: patches (B, N, p*p*3), mask (B, N), spatial_shapes (B, 2) = (h, w) in
+        patches. Returns (tokens (B, N, D) float32, mask (B, N) bool)."""
+        patches, mask, shapes = images.patches, images.mask, images.spatial_shapes
         if patches.ndim != 3 or patches.shape[-1] != self.patch_dim:
             raise ValueError(f"expected patches of shape (batch, num_patches, {self.patch_dim}), got {tuple(patches.shape)}")
         positions = jax.vmap(self.resized_positions, in_axes=(0, None))(shapes, patches.shape[1])
@@ -153,14 +157,12 @@ class VisionTower(nnx.Module):
         self.post_norm = LayerNorm(cfg.width, cfg.layer_norm_eps, dtype=dtype, param_dtype=param_dtype)
         self.head = MapHead(rngs=rngs, **block)
 
-    def __call__(self, images, return_hidden: bool = False) -> dict:
-        """Returns dict(pooled (B, D) float32, tokens (B, N, D) post-LayerNorm patch features,
-        mask (B, N) or None, hidden (depth, B, N, D) every block's output if asked)."""
+    def __call__(self, images: Array | NaFlexBatch, hidden_layers: Sequence[int] | None = None) -> TowerOutput:
+        """images: FixRes pixels (B, S, S, 3); NaFlex a `NaFlexBatch`. Returns a `TowerOutput`: pooled (B, D)
+        float32, tokens (B, N, D) post-LayerNorm patch features, mask (B, N) bool or None (FixRes), hidden
+        (len(hidden_layers), B, N, D) the outputs of the encoder blocks asked for (None: not asked)."""
         x, key_mask = self.embed(images)
-        x, hidden = self.encoder(x.astype(self.dtype), key_mask, return_hidden)
+        x, hidden = self.encoder(x.astype(self.dtype), key_mask, hidden_layers)
         tokens = self.post_norm(x)
         pooled = self.head(tokens, key_mask).astype(jnp.float32)
-        out = dict(pooled=pooled, tokens=tokens, mask=key_mask)
-        if return_hidden:
-            out["hidden"] = hidden
-        return out
+        return TowerOutput(pooled, tokens, key_mask, hidden)

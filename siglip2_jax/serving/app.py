@@ -373,7 +373,8 @@ class _State:
         except ImageError as error:
             raise InputError(f"{name}: {str(error).removeprefix('<bytes>: ')}", name) from None
         row = jax.tree.map(lambda x: x[0], inputs)
-        patches = int(row["mask"].sum()) if isinstance(row, dict) else self.pipeline.config.vision.num_positions
+        vision = self.pipeline.config.vision
+        patches = int(row.mask.sum()) if vision.naflex else vision.num_positions
         return row, patches
 
 
