@@ -8,15 +8,17 @@ Embeddings are computed in float32 whatever the compute dtype: casting them earl
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from ..config import VisionConfig
-from ..images import NaFlexBatch
 from .layers import Encoder, LayerNorm, MapHead, TowerOutput, param, zeros
+
+if TYPE_CHECKING:  # the model does not import preprocessing (PIL); a NaFlexBatch is a NamedTuple pytree
+    from ..images import NaFlexBatch
 
 Array = jax.Array
 _EXACT = jax.lax.Precision.HIGHEST  # keep float32 embeddings float32 on TPU/GPU too (no bf16 passes)
