@@ -204,8 +204,9 @@ def naflex_target_size(height: int, width: int, patch_size: int = 16, max_num_pa
     return scaled(low, height), scaled(low, width)
 
 
-def patchify(pixels: np.ndarray, patch_size: int) -> np.ndarray:
-    """(H, W, C) -> (H/p * W/p, p*p*C): patches row-major over the image, each in (py, px, c) order."""
+def patchify_image(pixels: np.ndarray, patch_size: int) -> np.ndarray:
+    """numpy (H, W, C), one image -> (H/p * W/p, p*p*C): patches row-major over the image, each in (py, px, c)
+    order (`siglip2_jax.model.vision.patchify_batch` is the same order for a jax batch)."""
     height, width, channels = pixels.shape
     rows, cols = height // patch_size, width // patch_size
     patches = pixels.reshape(rows, patch_size, cols, patch_size, channels).transpose(0, 2, 1, 3, 4)
@@ -444,7 +445,7 @@ class ImagePreprocessor:
         spatial_shapes = np.zeros((len(sources), 2), np.int32)
         for i, source in enumerate(sources):
             pixels = self.pixels(source)
-            image_patches = patchify(pixels, p)
+            image_patches = patchify_image(pixels, p)
             patches[i, : len(image_patches)] = image_patches
             mask[i, : len(image_patches)] = 1
             spatial_shapes[i] = (pixels.shape[0] // p, pixels.shape[1] // p)

@@ -55,8 +55,8 @@ def ones(shape, axes, dtype) -> nnx.Param:
 
 
 class LayerNorm(nnx.Module):
-    def __init__(self, width: int, eps: float, *, dtype, param_dtype=None):
-        # float32 always: tiny, and its statistics are computed in float32 anyway
+    def __init__(self, width: int, eps: float, *, dtype):
+        # parameters float32 whatever the model's param_dtype: tiny, and its statistics are float32 anyway
         self.scale = ones((width,), ("embed",), jnp.float32)
         self.bias = zeros((width,), ("embed",), jnp.float32)
         self.eps = eps
@@ -81,10 +81,10 @@ class Mlp(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x: Array) -> Array:
-        c = self.dtype
-        h = matmul(x.astype(c), self.fc1_kernel[...].astype(c)) + self.fc1_bias[...].astype(c)
+        compute = self.dtype
+        h = matmul(x.astype(compute), self.fc1_kernel[...].astype(compute)) + self.fc1_bias[...].astype(compute)
         h = jax.nn.gelu(h, approximate=self.approximate_gelu)
-        return matmul(h, self.fc2_kernel[...].astype(c)) + self.fc2_bias[...].astype(c)
+        return matmul(h, self.fc2_kernel[...].astype(compute)) + self.fc2_bias[...].astype(compute)
 
 
 class Attention(nnx.Module):
@@ -109,25 +109,25 @@ class Attention(nnx.Module):
     def __call__(self, x: Array, key_mask: Array | None = None, query: Array | None = None) -> Array:
         """x: (B, S, D) tokens; key_mask: (B, S) bool, True for real tokens; query: (B or 1, T, D), or None for
         self-attention. Returns (B, T or S, D)."""
-        c = self.dtype
-        w, b = self.qkv_kernel[...].astype(c), self.qkv_bias[...].astype(c)
-        x = x.astype(c)
+        compute = self.dtype
+        w, b = self.qkv_kernel[...].astype(compute), self.qkv_bias[...].astype(compute)
+        x = x.astype(compute)
         if query is None:
             return self._attend(*project(x, w, b), key_mask)
         # cross-attention (the MAP head): a query shared by the batch is projected once, and each
         # image's few rows are attended and projected in fixed blocks of images (see in_row_blocks)
-        (q,) = project(query.astype(c), w[:, :1], b[:1])
+        (q,) = project(query.astype(compute), w[:, :1], b[:1])
         q = jnp.broadcast_to(q, (x.shape[0], *q.shape[1:]))
         k, v = project(x, w[:, 1:], b[1:])
         return in_row_blocks(lambda block: self._attend(*block), (q, k, v, key_mask))
 
     def _attend(self, q, k, v, key_mask) -> Array:
         """(B, T, H, E) q and (B, S, H, E) k, v -> (B, T, D) attention output, projected."""
-        c = self.dtype
+        compute = self.dtype
         out = attention_core(q, k, v, key_mask, self.scale, self.implementation)
         batch, length, heads, head_dim = out.shape
-        wo = self.out_kernel[...].astype(c).reshape(heads * head_dim, -1)
-        return matmul(out.reshape(batch, length, heads * head_dim), wo) + self.out_bias[...].astype(c)
+        wo = self.out_kernel[...].astype(compute).reshape(heads * head_dim, -1)
+        return matmul(out.reshape(batch, length, heads * head_dim), wo) + self.out_bias[...].astype(compute)
 
 
 class EncoderBlock(nnx.Module):
@@ -136,9 +136,9 @@ class EncoderBlock(nnx.Module):
     def __init__(self, width, mlp_dim, num_heads, eps, approximate_gelu, *, dtype, param_dtype, rngs,
                  attention_impl=None):
         kw = dict(dtype=dtype, param_dtype=param_dtype)
-        self.norm1 = LayerNorm(width, eps, **kw)
+        self.norm1 = LayerNorm(width, eps, dtype=dtype)
         self.attn = Attention(width, num_heads, rngs=rngs, implementation=attention_impl, **kw)
-        self.norm2 = LayerNorm(width, eps, **kw)
+        self.norm2 = LayerNorm(width, eps, dtype=dtype)
         self.mlp = Mlp(width, mlp_dim, approximate_gelu, rngs=rngs, **kw)
 
     def __call__(self, x: Array, key_mask: Array | None) -> Array:
@@ -238,7 +238,7 @@ class MapHead(nnx.Module):
         kw = dict(dtype=dtype, param_dtype=param_dtype)
         self.probe = param(rngs, (1, width), (None, "embed"), param_dtype, nnx.initializers.normal(1.0))
         self.attn = Attention(width, num_heads, rngs=rngs, implementation=attention_impl, **kw)
-        self.norm = LayerNorm(width, eps, **kw)
+        self.norm = LayerNorm(width, eps, dtype=dtype)
         self.mlp = Mlp(width, mlp_dim, approximate_gelu, rngs=rngs, **kw)
 
     def __call__(self, x: Array, key_mask: Array | None = None) -> Array:

@@ -32,7 +32,7 @@ class TextTower(nnx.Module):
             cfg.depth, rngs=rngs, stacked=stacked_layers, width=cfg.width, mlp_dim=cfg.mlp_dim,
             num_heads=cfg.num_heads, eps=cfg.layer_norm_eps, approximate_gelu=cfg.approximate_gelu, dtype=dtype,
             param_dtype=param_dtype, attention_impl=attention_impl)
-        self.final_norm = LayerNorm(cfg.width, cfg.layer_norm_eps, dtype=dtype, param_dtype=param_dtype)
+        self.final_norm = LayerNorm(cfg.width, cfg.layer_norm_eps, dtype=dtype)
         self.head_kernel = param(rngs, (cfg.width, cfg.projection_size), ("embed", "proj"), param_dtype)
         self.head_bias = zeros((cfg.projection_size,), ("proj",), param_dtype)
 
@@ -47,7 +47,7 @@ class TextTower(nnx.Module):
         x = jnp.take(self.token_embed[...], token_ids, axis=0).astype(jnp.float32) + self.position[:length]
         x, hidden = self.encoder(x.astype(self.dtype), None, hidden_layers)
         tokens = self.final_norm(x)
-        c = self.dtype
-        pooled = in_row_blocks(lambda r: matmul(r, self.head_kernel[...].astype(c)) + self.head_bias[...].astype(c),
-                               tokens[:, -1])
+        compute = self.dtype
+        kernel, bias = self.head_kernel[...].astype(compute), self.head_bias[...].astype(compute)
+        pooled = in_row_blocks(lambda r: matmul(r, kernel) + bias, tokens[:, -1])
         return TowerOutput(pooled.astype(jnp.float32), tokens, None, hidden)

@@ -8,22 +8,25 @@ Embeddings are computed in float32 whatever the compute dtype: casting them earl
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from ..config import VisionConfig
-from ..images import NaFlexBatch
 from .layers import Encoder, LayerNorm, MapHead, TowerOutput, param, zeros
+
+if TYPE_CHECKING:  # the model does not import preprocessing (PIL); a NaFlexBatch is a NamedTuple pytree
+    from ..images import NaFlexBatch
 
 Array = jax.Array
 _EXACT = jax.lax.Precision.HIGHEST  # keep float32 embeddings float32 on TPU/GPU too (no bf16 passes)
 
 
-def patchify(pixels: Array, patch_size: int) -> Array:
-    """(B, H, W, C) -> (B, gh * gw, p * p * C), row-major over patches, (py, px, c) inside a patch.
+def patchify_batch(pixels: Array, patch_size: int) -> Array:
+    """jax (B, H, W, C) -> (B, gh * gw, p * p * C), row-major over patches, (py, px, c) inside a patch
+    (`siglip2_jax.images.patchify_image` is the same order for one numpy image).
     Rows/columns beyond the last whole patch are dropped, like the reference's VALID convolution."""
     b, h, w, c = pixels.shape
     p = patch_size
@@ -55,7 +58,7 @@ class FixResEmbedding(nnx.Module):
             raise ValueError(
                 f"expected pixels of shape (batch, {self.grid_size * self.patch_size}, "
                 f"{self.grid_size * self.patch_size}, 3) (NHWC), got {tuple(pixels.shape)}")
-        return self.patch(patchify(pixels, self.patch_size)) + self.position[...], None
+        return self.patch(patchify_batch(pixels, self.patch_size)) + self.position[...], None
 
 
 def bilinear_antialias_weights(out_size: Array, in_size: int, rows: Array) -> Array:
@@ -154,7 +157,7 @@ class VisionTower(nnx.Module):
                      approximate_gelu=cfg.approximate_gelu, dtype=dtype, param_dtype=param_dtype,
                      attention_impl=attention_impl)
         self.encoder = Encoder(cfg.depth, rngs=rngs, stacked=stacked_layers, **block)
-        self.post_norm = LayerNorm(cfg.width, cfg.layer_norm_eps, dtype=dtype, param_dtype=param_dtype)
+        self.post_norm = LayerNorm(cfg.width, cfg.layer_norm_eps, dtype=dtype)
         self.head = MapHead(rngs=rngs, **block)
 
     def __call__(self, images: Array | NaFlexBatch, hidden_layers: Sequence[int] | None = None) -> TowerOutput:
