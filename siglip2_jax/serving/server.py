@@ -1,128 +1,23 @@
-"""`siglip2-jax serve MODEL`: flags, --help and start-up. Nothing heavy is imported until `run`."""
+"""The HTTP server's process: uvicorn running the app, and a drain before the exit on SIGTERM or Ctrl-C.
+`siglip2-jax serve` (`siglip2_jax.commands.serve`) starts it."""
 
 from __future__ import annotations
 
-import argparse
-import os
 import signal
 import sys
 
-EPILOG = """\
-endpoints (OpenAI-compatible where OpenAI has one):
-  POST /v1/embeddings  {"model": M, "input": "a cat" | ["a cat", {"type": "image_url",
-                        "image_url": {"url": "data:image/jpeg;base64,..."}}], "encoding_format": "float"}
-  POST /v1/classify    {"images": ["data:image/png;base64,..."], "labels": ["cat", "dog"],
-                        "template": "This is a photo of {}.", "top": 5}
-  POST /v1/rank        {"query": "a cat", "candidates": [image parts...]}  (or an image query, text candidates)
-  GET  /v1/models   GET /health (200 once compiled)   GET /metrics (Prometheus)
 
-example:
-  siglip2-jax serve ckpt/b16-224 --port 8000 &
-  curl -s localhost:8000/v1/embeddings -H 'Content-Type: application/json' \\
-       -d '{"model": "ckpt/b16-224", "input": ["a photo of a cat", "a photo of a dog"]}'
-  curl -s localhost:8000/v1/classify -H 'Content-Type: application/json' \\
-       -d "{\\"images\\": [\\"data:image/jpeg;base64,$(base64 -w0 cat.jpg)\\"], \\"labels\\": [\\"cat\\", \\"dog\\"]}"
+def serve(pipeline, settings, *, host: str, port: int) -> None:
+    """Serves `pipeline` (a loaded `Siglip2Pipeline`) with `settings` (a `ServerSettings`) on host:port until
+    SIGTERM or Ctrl-C, then answers the requests in progress and returns."""
+    import uvicorn
 
-  from openai import OpenAI
-  client = OpenAI(base_url="http://localhost:8000/v1", api_key="unused")
-  client.embeddings.create(model="ckpt/b16-224", input=["a photo of a cat"])
+    from .app import create_app
 
-Images are base64 data URLs; http(s) URLs are fetched only with --allow-url-fetch, and never from
-loopback, link-local or private addresses. Each embedding is L2-normalized float32, bit-identical to
-`siglip2_jax.load(MODEL).encode_images / encode_texts` on the same input.
-
-exit status: 0 after a clean shutdown (SIGTERM or Ctrl-C: requests in flight are answered first);
-2 bad arguments or model.
-"""
-
-
-def _non_negative(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
-    if not number >= 0:
-        raise argparse.ArgumentTypeError(f"{value}: must be at least 0")
-    return number
-
-
-def register(commands) -> None:
-    from ..cli import int_at_least, positive_int  # counts of 0 or less are usage errors, not defaults
-
-    parser = commands.add_parser(
-        "serve", help="serve embeddings and zero-shot classification over HTTP (OpenAI-compatible)",
-        description="Serve a SigLIP 2 model over HTTP: OpenAI-compatible embeddings for texts and images, "
-                    "zero-shot classification and ranking, with dynamic batching of concurrent requests.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", metavar="MODEL", help="siglip2-jax checkpoint dir, Hugging Face dir or hub id")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s; "
-                                                             "0.0.0.0 for every interface)")
-    parser.add_argument("--port", type=int_at_least(1), default=8000, help="port (default %(default)s)")
-    parser.add_argument("--model-name", default=None, help="the id clients send as 'model' (default: MODEL as given)")
-    parser.add_argument("--max-batch-size", type=positive_int, default=32,
-                        help="most inputs of one kind per model batch; every bucket up to it is compiled at "
-                             "start-up (default %(default)s)")
-    parser.add_argument("--max-wait-ms", type=_non_negative, default=5.0,
-                        help="longest an input waits for others to fill its batch (default %(default)s)")
-    parser.add_argument("--max-queue", type=positive_int, default=256,
-                        help="most requests in progress; past it requests get 429 + Retry-After (default %(default)s)")
-    parser.add_argument("--max-request-bytes", type=positive_int, default=20 << 20,
-                        help="largest request body; larger ones get 413 (default %(default)s = 20 MiB)")
-    parser.add_argument("--max-inputs-per-request", type=positive_int, default=256,
-                        help="most inputs (or labels) in one request (default %(default)s)")
-    parser.add_argument("--api-key", default=os.environ.get("SIGLIP2_API_KEY"),
-                        help="require 'Authorization: Bearer KEY' on /v1/* (default: $SIGLIP2_API_KEY; none if unset)")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
-    parser.add_argument("--max-num-patches", type=positive_int, default=None,
-                        help="NaFlex models: patch budget per image (default: the checkpoint's, else 256)")
-    parser.add_argument("--image-size", type=positive_int, default=None,
-                        help="FixRes models: serve at this input size, the position table resized as transformers' "
-                             "interpolate_pos_encoding does (default: the checkpoint's)")
-    parser.add_argument("--model-parallel", type=positive_int, default=1,
-                        help="devices that share one model replica; the batch is split over the rest (default 1)")
-    parser.add_argument("--decode-workers", type=positive_int, default=min(4, os.cpu_count() or 1),
-                        help="threads decoding and preprocessing images off the event loop (default %(default)s)")
-    parser.add_argument("--allow-url-fetch", action="store_true",
-                        help="fetch http(s) image URLs named in requests (public addresses only)")
-    parser.add_argument("--allow-private-urls", action="store_true",
-                        help="with --allow-url-fetch, also fetch from loopback/private addresses (tests only)")
-    parser.add_argument("--fetch-max-bytes", type=positive_int, default=20 << 20, help="largest fetched image")
-    parser.add_argument("--fetch-timeout-s", type=_non_negative, default=10.0, help="timeout of one fetch")
-    parser.set_defaults(run=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    try:
-        import fastapi  # noqa: F401
-        import prometheus_client  # noqa: F401
-        import uvicorn
-    except ImportError as error:
-        return _fail(f"serve needs {error.name}: pip install 'siglip2-jax[serve]'")
-    import jax.numpy as jnp
-
-    from ..pipeline import load
-    from ..sharding import make_mesh
-    from .app import ServerSettings, create_app
-    from .inputs import FetchPolicy
-
-    if args.allow_private_urls and not args.allow_url_fetch:
-        return _fail("--allow-private-urls needs --allow-url-fetch")
-    try:
-        mesh = make_mesh(model_parallel=args.model_parallel) if args.model_parallel > 1 or _devices() > 1 else None
-        pipeline = load(args.model, dtype=getattr(jnp, args.dtype), mesh=mesh, max_num_patches=args.max_num_patches,
-                        image_size=args.image_size, batch_size=args.max_batch_size)
-    except (ValueError, OSError) as error:
-        return _fail(f"{args.model}: {error}" if str(args.model) not in str(error) else str(error))
-    settings = ServerSettings(
-        model_name=args.model_name or str(args.model), api_key=args.api_key or None,
-        max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
-        max_request_bytes=args.max_request_bytes, max_inputs_per_request=args.max_inputs_per_request,
-        decode_workers=args.decode_workers,
-        fetch=FetchPolicy(args.allow_url_fetch, args.allow_private_urls, args.fetch_max_bytes, args.fetch_timeout_s))
-    print(f"siglip2-jax serve: {settings.model_name} on http://{args.host}:{args.port}; compiling every batch "
+    print(f"siglip2-jax serve: {settings.model_name} on http://{host}:{port}; compiling every batch "
           f"shape first (GET /health turns 200 when ready)", file=sys.stderr, flush=True)
     app = create_app(pipeline, settings)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=60)
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=60)
     # uvicorn re-raises the signal that stopped it once it is done; with these no-op handlers in place
     # the re-raised signal does nothing and a clean shutdown exits 0
     previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -131,7 +26,6 @@ def run(args: argparse.Namespace) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    return 0
 
 
 def _draining_server(config, state):
@@ -160,13 +54,3 @@ def _draining_server(config, state):
 
 
 DRAIN_TIMEOUT_S = 60
-
-
-def _devices() -> int:
-    import jax
-    return jax.local_device_count()
-
-
-def _fail(message: str) -> int:
-    print(f"error: {message}", file=sys.stderr)
-    return 2

@@ -1,7 +1,7 @@
 """Fine-tuning SigLIP 2 on image-text pairs with the sigmoid loss: optax, sharded over a mesh, resumable.
 
-    config.py   TrainConfig: every setting; also the `siglip2-jax finetune` flags and the keys of its
-                --config JSON (imports no jax: fast --help)
+    config.py   TrainConfig: every setting; also the `siglip2-jax finetune` flags (made in
+                `siglip2_jax.commands.finetune`) and the keys of its --config JSON (imports no jax: fast --help)
     trainer.py  Trainer: the math: which parameters train, AdamW + warmup/cosine + clipping, the
                 jit-compiled step
     run.py      finetune: the job: captions file -> batches -> steps -> Orbax checkpoints -> eval ->
@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 # public name -> the module of this package that defines it
 _EXPORTS = {
-    **dict.fromkeys(("DTYPES", "FREEZE_MODES", "TrainConfig", "config_from_args", "register"), "config"),
+    **dict.fromkeys(("DTYPES", "FREEZE_MODES", "TrainConfig", "config_from_args", "flag_name"), "config"),
     **dict.fromkeys(("FSDP_RULES", "HEADS", "NO_DECAY", "NOT_IN_STEP", "Trainer", "batch_loss", "compute_dtype",
                      "is_decayed", "is_trainable", "learning_rate_schedule", "make_optimizer"), "trainer"),
     **dict.fromkeys(("FinetuneResult", "Interrupted", "RUN_CONTROL", "TrainCheckpoints", "TrainingDiverged",
@@ -28,7 +28,7 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
-    from .config import DTYPES, FREEZE_MODES, TrainConfig, config_from_args, register
+    from .config import DTYPES, FREEZE_MODES, TrainConfig, config_from_args, flag_name
     from .run import (RUN_CONTROL, FinetuneResult, Interrupted, TrainCheckpoints, TrainingDiverged, evaluate,
                       finetune, retrieval_recall)
     from .trainer import (FSDP_RULES, HEADS, NO_DECAY, NOT_IN_STEP, Trainer, batch_loss, compute_dtype, is_decayed,

@@ -7,11 +7,9 @@
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -20,7 +18,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from ..sharding import make_mesh
-from .config import TrainConfig, _flag, config_from_args
+from .config import TrainConfig, flag_name
 from .trainer import Trainer
 
 
@@ -280,7 +278,7 @@ def _check_same_run(out: Path, cfg: TrainConfig) -> None:
     saved = json.loads(path.read_text())
     for name, value in dataclasses.asdict(cfg).items():
         if name not in RUN_CONTROL and name in saved and saved[name] != value:
-            raise ValueError(f"{out}: this run was started with --{_flag(name)} {saved[name]!r}, now "
+            raise ValueError(f"{out}: this run was started with --{flag_name(name)} {saved[name]!r}, now "
                              f"{value!r}; resume it with the same settings, or use a new --out")
 
 
@@ -359,39 +357,3 @@ class _StopAtStepEnd:
         for number, handler in self.previous.items():
             signal.signal(number, handler)
         return False
-
-
-def run(args: argparse.Namespace) -> int:
-    try:
-        cfg = config_from_args(args)
-    except ValueError as err:
-        return _fail(err)
-    from .. import distributed, train
-
-    try:
-        # preemptible machines get SIGTERM: finetune treats it like Ctrl-C (a checkpoint at the end of the step)
-        distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
-        result = train.finetune(cfg)  # the package's name, looked up now: a caller may have replaced it
-    except TrainingDiverged as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    except Interrupted as stopped:
-        print(f"interrupted: step {stopped.step} saved in {stopped.checkpoints}; run the same command to resume",
-              file=sys.stderr)
-        return 130
-    except KeyboardInterrupt:
-        print(f"interrupted at once: the last checkpoint in {Path(cfg.out) / 'checkpoints'} is kept; run the "
-              "same command to resume from it", file=sys.stderr)
-        return 130
-    except (ValueError, OSError) as err:
-        return _fail(err)
-    last = result.history[-1]["loss"] if result.history else float("nan")
-    hf = f" and {Path(cfg.out) / 'model-hf'} (Hugging Face format)" if cfg.export_hf else ""
-    print(f"trained {result.trainer.step} steps (final loss {last:.4f}); exported {result.exported}{hf}")
-    return 0
-
-
-def _fail(err: BaseException) -> int:
-    lines = str(err).strip().splitlines() or [type(err).__name__]
-    print(f"error: {lines[0]}", file=sys.stderr)
-    return 2
