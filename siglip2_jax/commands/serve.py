@@ -111,7 +111,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.allow_private_urls and not args.allow_url_fetch:
         raise CommandError("--allow-private-urls needs --allow-url-fetch")
-    mesh = make_mesh(model_parallel=args.model_parallel) if args.model_parallel > 1 or jax.local_device_count() > 1 else None
+    several = args.model_parallel > 1 or jax.local_device_count() > 1
+    mesh = make_mesh(model_parallel=args.model_parallel) if several else None
     pipeline = load(args.model, dtype=getattr(jnp, args.dtype), mesh=mesh, max_num_patches=args.max_num_patches,
                     image_size=args.image_size, batch_size=args.max_batch_size)
     settings = ServerSettings(

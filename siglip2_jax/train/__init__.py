@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING
 # public name -> the module of this package that defines it
 _EXPORTS = {
     **dict.fromkeys(("DTYPES", "FREEZE_MODES", "TrainConfig", "config_from_args", "flag_name"), "config"),
-    **dict.fromkeys(("FSDP_RULES", "HEADS", "NO_DECAY", "NOT_IN_STEP", "Trainer", "batch_loss", "compute_dtype",
-                     "is_decayed", "is_trainable", "learning_rate_schedule", "make_optimizer"), "trainer"),
+    **dict.fromkeys(("FSDP_RULES", "HEAD_PARAM_PREFIXES", "NO_DECAY", "NOT_IN_STEP", "Trainer", "batch_loss",
+                     "compute_dtype", "is_decayed", "is_trainable", "learning_rate_schedule", "make_optimizer"), "trainer"),
     **dict.fromkeys(("FinetuneResult", "Interrupted", "RUN_CONTROL", "TrainCheckpoints", "TrainingDiverged",
                      "evaluate", "finetune", "retrieval_recall"), "run"),
 }
@@ -31,8 +31,8 @@ if TYPE_CHECKING:
     from .config import DTYPES, FREEZE_MODES, TrainConfig, config_from_args, flag_name
     from .run import (RUN_CONTROL, FinetuneResult, Interrupted, TrainCheckpoints, TrainingDiverged, evaluate,
                       finetune, retrieval_recall)
-    from .trainer import (FSDP_RULES, HEADS, NO_DECAY, NOT_IN_STEP, Trainer, batch_loss, compute_dtype, is_decayed,
-                          is_trainable, learning_rate_schedule, make_optimizer)
+    from .trainer import (FSDP_RULES, HEAD_PARAM_PREFIXES, NO_DECAY, NOT_IN_STEP, Trainer, batch_loss, compute_dtype,
+                          is_decayed, is_trainable, learning_rate_schedule, make_optimizer)
 
 
 def __getattr__(name: str):

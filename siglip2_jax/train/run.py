@@ -101,9 +101,9 @@ class FinetuneResult:
 RUN_CONTROL = {"save_every", "keep", "eval_every", "workers", "export_hf"}  # may change when a run is resumed; nothing else may
 
 
-def finetune(cfg: TrainConfig, *, on_step=None, progress: bool = True) -> FinetuneResult:
-    """Fine-tune `cfg.model` on `cfg.data`, resuming from `cfg.out`'s last checkpoint if there is one, and
-    export OUT/model. `on_step(record)` is called after every step with its metrics (floats).
+def finetune(settings: TrainConfig, *, on_step=None, progress: bool = True) -> FinetuneResult:
+    """Fine-tune `settings.model` on `settings.data`, resuming from `settings.out`'s last checkpoint if there is
+    one, and export OUT/model. `on_step(record)` is called after every step with its metrics (floats).
 
     Everything is checked (settings, data, model, an OUT of another run) before anything is written to
     OUT. Every step up to the latest checkpoint is in OUT/metrics.jsonl exactly once, also after a kill and
@@ -111,7 +111,7 @@ def finetune(cfg: TrainConfig, *, on_step=None, progress: bool = True) -> Finetu
     it is logged and saved, then `Interrupted` (a KeyboardInterrupt) is raised; a second signal stops at
     once, keeping the last checkpoint. Multi-host: call `distributed.initialize` first; every process runs
     the same call."""
-    run = _Run(cfg, on_step=on_step, progress=progress)
+    run = _Run(settings, on_step=on_step, progress=progress)
     run.prepare()
     run.resume()
     run.train()
@@ -127,9 +127,9 @@ class _Run:
         export   the last evaluation, OUT/model (and OUT/model-hf)
     """
 
-    def __init__(self, cfg: TrainConfig, *, on_step, progress: bool):
-        self.cfg, self.on_step, self.progress = cfg, on_step, progress
-        self.out = Path(cfg.out)
+    def __init__(self, settings: TrainConfig, *, on_step, progress: bool):
+        self.settings, self.on_step, self.progress = settings, on_step, progress
+        self.out = Path(settings.out)
         self.history, self.evals = [], []
         self.clock = {}
 
@@ -139,43 +139,44 @@ class _Run:
         from ..pipeline import load
         from ..train_data import PairTransform, check_batch_size, read_pairs, split_holdout
 
-        cfg = self.cfg
-        cfg.validate()
-        self.pairs = read_pairs(cfg.data)
-        self.eval_pairs = read_pairs(cfg.eval_data) if cfg.eval_data else []
-        if cfg.eval_holdout:
-            self.pairs, held_out = split_holdout(self.pairs, cfg.eval_holdout, cfg.seed)
+        settings = self.settings
+        settings.validate()
+        self.pairs = read_pairs(settings.data)
+        self.eval_pairs = read_pairs(settings.eval_data) if settings.eval_data else []
+        if settings.eval_holdout:
+            self.pairs, held_out = split_holdout(self.pairs, settings.eval_holdout, settings.seed)
             self.eval_pairs += held_out
-        mesh = make_mesh(cfg.model_parallel)
-        if cfg.batch_size % mesh.shape["data"]:
-            raise ValueError(f"--batch-size {cfg.batch_size} is not a multiple of the {mesh.shape['data']} "
+        mesh = make_mesh(settings.model_parallel)
+        if settings.batch_size % mesh.shape["data"]:
+            raise ValueError(f"--batch-size {settings.batch_size} is not a multiple of the {mesh.shape['data']} "
                              f"data-parallel devices")
-        check_batch_size(len(self.pairs), cfg.batch_size)
-        _check_same_run(self.out, cfg)
+        check_batch_size(len(self.pairs), settings.batch_size)
+        _check_same_run(self.out, settings)
 
-        pipeline = load(cfg.model, mesh=mesh, max_num_patches=cfg.max_num_patches, image_size=cfg.image_size or None)
+        pipeline = load(settings.model, mesh=mesh, max_num_patches=settings.max_num_patches,
+                        image_size=settings.image_size or None)
         if pipeline.tokenizer is None:
-            raise ValueError(f"{cfg.model}: has no tokenizer (tokenizer.model or tokenizer.json)")
+            raise ValueError(f"{settings.model}: has no tokenizer (tokenizer.model or tokenizer.json)")
         self.config, self.assets_dir = pipeline.config, pipeline.assets_dir
         self.transform = PairTransform.for_model(pipeline)
-        self.trainer = Trainer(self.config, nnx.to_pure_dict(nnx.state(pipeline.model, nnx.Param)), cfg, mesh)
+        self.trainer = Trainer(self.config, nnx.to_pure_dict(nnx.state(pipeline.model, nnx.Param)), settings, mesh)
         del pipeline  # its copy of the weights is no longer needed
 
     def resume(self) -> None:
         from ..train_data import SkippedImages, pair_loader
 
         # everything is checked: from here on, OUT is written
-        cfg, out, trainer = self.cfg, self.out, self.trainer
+        settings, out, trainer = self.settings, self.out, self.trainer
         self.is_main = jax.process_index() == 0
-        _write_run_config(out, cfg, self.is_main)
-        self.checkpoints = TrainCheckpoints(out / "checkpoints", cfg.keep)
+        _write_run_config(out, settings, self.is_main)
+        self.checkpoints = TrainCheckpoints(out / "checkpoints", settings.keep)
         resumed = self.checkpoints.restore_latest(trainer)
         if self.is_main:  # the steps after the checkpoint are run (and logged) again
             _trim_metrics(out / "metrics.jsonl", trainer.step)
-        self.workers = resumed["data"]["workers"] if resumed else _worker_count(cfg.workers)
-        skipped = SkippedImages(out / "skipped_images.jsonl", len(self.pairs), cfg.batch_size,
-                                jax.process_index()) if cfg.skip_bad_images else None
-        self.batches = iter(pair_loader(self.pairs, self.transform, cfg.batch_size, seed=cfg.seed,
+        self.workers = resumed["data"]["workers"] if resumed else _worker_count(settings.workers)
+        skipped = SkippedImages(out / "skipped_images.jsonl", len(self.pairs), settings.batch_size,
+                                jax.process_index()) if settings.skip_bad_images else None
+        self.batches = iter(pair_loader(self.pairs, self.transform, settings.batch_size, seed=settings.seed,
                                         workers=self.workers, skipped=skipped))
         if resumed:
             self.batches.set_state(resumed["data"]["loader"])
@@ -183,23 +184,23 @@ class _Run:
     def train(self) -> None:
         from tqdm.auto import tqdm
 
-        cfg, trainer, checkpoints = self.cfg, self.trainer, self.checkpoints
-        self.bar = tqdm(total=cfg.steps, initial=trainer.step, unit="step",
+        settings, trainer, checkpoints = self.settings, self.trainer, self.checkpoints
+        self.bar = tqdm(total=settings.steps, initial=trainer.step, unit="step",
                         disable=not self.progress or not self.is_main, dynamic_ncols=True,
                         desc="resumed" if trainer.step else "fine-tuning")
         try:
             with _StopAtStepEnd(self.bar.write) as stop:
                 pending = None  # metrics are read one step late, so the host never waits for the device
-                while trainer.step < cfg.steps and not stop.requested:
+                while trainer.step < settings.steps and not stop.requested:
                     metrics = trainer.train_step(next(self.batches))
                     if pending is not None:
                         self._report(*pending)
                     pending = (trainer.step, metrics)
-                    if trainer.step % cfg.save_every == 0 or stop.requested:
+                    if trainer.step % settings.save_every == 0 or stop.requested:
                         self._report(*pending)  # a checkpointed step is always logged first
                         pending = None
                         checkpoints.save(trainer, self._data_state())
-                    if self.eval_pairs and cfg.eval_every and trainer.step % cfg.eval_every == 0:
+                    if self.eval_pairs and settings.eval_every and trainer.step % settings.eval_every == 0:
                         self._evaluate()
                 if pending is not None:
                     self._report(*pending)
@@ -214,16 +215,16 @@ class _Run:
     def export(self) -> FinetuneResult:
         from ..checkpoint import export_hf, save_checkpoint
 
-        cfg, out, trainer = self.cfg, self.out, self.trainer
+        settings, out, trainer = self.settings, self.out, self.trainer
         if self.eval_pairs and not (self.evals and self.evals[-1]["step"] == trainer.step):
             self._evaluate()
         exported = out / "model"
         params = _host_params(trainer.params())  # every process takes part: the weights may be split over hosts
         if self.is_main:
-            save_checkpoint(exported, self.config, params, source=str(cfg.model), assets_from=self.assets_dir,
+            save_checkpoint(exported, self.config, params, source=str(settings.model), assets_from=self.assets_dir,
                             overwrite=True)
             self.transform.images.save(exported)  # the settings it was trained with (its image size, its budget)
-            if cfg.export_hf:
+            if settings.export_hf:
                 export_hf(exported, out / "model-hf", overwrite=True)
         return FinetuneResult(trainer, self.history, self.evals, exported)
 
@@ -244,7 +245,7 @@ class _Run:
         now = time.perf_counter()
         self.clock.setdefault("start", (now, step))  # the first step (compilation) is not timed
         start, first = self.clock["start"]
-        speed = f", {(step - first) * self.cfg.batch_size / (now - start):.1f} examples/s" if step > first else ""
+        speed = f", {(step - first) * self.settings.batch_size / (now - start):.1f} examples/s" if step > first else ""
         self.history.append(record)
         self._write(record)
         self.bar.update(1)
@@ -254,7 +255,7 @@ class _Run:
 
     def _evaluate(self) -> None:
         trainer = self.trainer
-        result = {"step": trainer.step, **evaluate(trainer, self.eval_pairs, self.transform, self.cfg.batch_size)}
+        result = {"step": trainer.step, **evaluate(trainer, self.eval_pairs, self.transform, self.settings.batch_size)}
         self.evals.append(result)
         self._write({"eval": result})
         self.bar.write(f"step {trainer.step}: " + ", ".join(f"{k} {v:.3f}" for k, v in result.items() if k != "step"))
@@ -268,7 +269,7 @@ def _worker_count(workers: int) -> int:
     return 0 if jax.default_backend() == "cpu" else min(32, max(1, (os.cpu_count() or 2) - 1))
 
 
-def _check_same_run(out: Path, cfg: TrainConfig) -> None:
+def _check_same_run(out: Path, settings: TrainConfig) -> None:
     """A run with a checkpoint in OUT is resumed only with the settings it was started with (else it is not
     the same run). OUT without a checkpoint (a start that failed before its first save) is free."""
     path = out / "finetune_config.json"
@@ -276,17 +277,17 @@ def _check_same_run(out: Path, cfg: TrainConfig) -> None:
     if not (path.is_file() and steps.is_dir() and any(p.name.isdigit() for p in steps.iterdir())):
         return
     saved = json.loads(path.read_text())
-    for name, value in dataclasses.asdict(cfg).items():
+    for name, value in dataclasses.asdict(settings).items():
         if name not in RUN_CONTROL and name in saved and saved[name] != value:
             raise ValueError(f"{out}: this run was started with --{flag_name(name)} {saved[name]!r}, now "
                              f"{value!r}; resume it with the same settings, or use a new --out")
 
 
-def _write_run_config(out: Path, cfg: TrainConfig, is_main: bool) -> None:
+def _write_run_config(out: Path, settings: TrainConfig, is_main: bool) -> None:
     """OUT/finetune_config.json: the settings, which `_check_same_run` compares a resumed run with."""
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "finetune_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+        (out / "finetune_config.json").write_text(json.dumps(dataclasses.asdict(settings), indent=2) + "\n")
 
 
 def _trim_metrics(path: Path, step: int) -> None:

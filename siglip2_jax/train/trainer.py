@@ -28,7 +28,7 @@ from .config import TrainConfig
 FSDP_RULES = {**DEFAULT_RULES, "embed": "data"}
 # the learned query, the position tables, norms, biases and the logit scale/bias are not decayed
 NO_DECAY = {"scale", "bias", "position", "probe", "logit_scale", "logit_bias"}
-HEADS = ("vision/head/", "text/head_kernel", "text/head_bias", "logit_scale", "logit_bias")
+HEAD_PARAM_PREFIXES = ("vision/head/", "text/head_kernel", "text/head_bias", "logit_scale", "logit_bias")
 
 
 # ---- which parameters train, and how ----------------------------------------------------------------
@@ -39,7 +39,7 @@ def is_trainable(path: str, freeze: str) -> bool:
     if freeze == "text":
         return not path.startswith("text/")
     if freeze == "towers":
-        return path.startswith(HEADS)
+        return path.startswith(HEAD_PARAM_PREFIXES)
     return True
 
 
@@ -49,19 +49,20 @@ def is_decayed(path: str) -> bool:
     return name not in NO_DECAY and not name.endswith("_bias")
 
 
-def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
+def learning_rate_schedule(settings: TrainConfig) -> optax.Schedule:
     """Linear warmup to `learning_rate` at step `warmup_steps`, then cosine decay to `end_learning_rate` at
     step `steps`. Update k (counting from 1) uses the rate at k: the first update is not wasted on rate 0."""
-    warmup = min(cfg.warmup_steps, cfg.steps - 1)
-    base = optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, warmup, cfg.steps, cfg.end_learning_rate)
+    warmup = min(settings.warmup_steps, settings.steps - 1)
+    base = optax.warmup_cosine_decay_schedule(0.0, settings.learning_rate, warmup, settings.steps,
+                                              settings.end_learning_rate)
     return lambda count: base(count + 1)
 
 
-def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+def make_optimizer(settings: TrainConfig) -> optax.GradientTransformation:
     decay_mask = lambda params: nest({p: is_decayed(p) for p in flatten(params)})  # noqa: E731
-    adamw = optax.adamw(learning_rate_schedule(cfg), b1=cfg.adam_b1, b2=cfg.adam_b2,
-                        weight_decay=cfg.weight_decay, mask=decay_mask)
-    return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adamw) if cfg.clip_norm > 0 else adamw
+    adamw = optax.adamw(learning_rate_schedule(settings), b1=settings.adam_b1, b2=settings.adam_b2,
+                        weight_decay=settings.weight_decay, mask=decay_mask)
+    return optax.chain(optax.clip_by_global_norm(settings.clip_norm), adamw) if settings.clip_norm > 0 else adamw
 
 
 def compute_dtype(name: str):
@@ -98,13 +99,13 @@ class _Compiled:
 
 
 @functools.lru_cache(maxsize=8)
-def _compile(config: Siglip2Config, cfg: TrainConfig, mesh: Mesh) -> _Compiled:
+def _compile(config: Siglip2Config, settings: TrainConfig, mesh: Mesh) -> _Compiled:
     """The jit-compiled functions of one model, one set of optimizer settings, one mesh."""
-    optimizer, dtype = make_optimizer(cfg), compute_dtype(cfg.dtype)
-    shardings = flatten(param_shardings(config, mesh, FSDP_RULES if cfg.fsdp else None))
+    optimizer, dtype = make_optimizer(settings), compute_dtype(settings.dtype)
+    shardings = flatten(param_shardings(config, mesh, FSDP_RULES if settings.fsdp else None))
     replicated = NamedSharding(mesh, PartitionSpec())
     shapes = flat_param_shapes(config)
-    trainable = nest({p: shapes[p] for p in shapes if is_trainable(p, cfg.freeze)})
+    trainable = nest({p: shapes[p] for p in shapes if is_trainable(p, settings.freeze)})
 
     def sharding_of(path, leaf):  # optimizer moments live where their parameter lives; counters replicated
         name = "/".join(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
@@ -143,16 +144,17 @@ class Trainer:
     works on float32 copies of `params`.
     """
 
-    def __init__(self, config: Siglip2Config, params: dict, cfg: TrainConfig, mesh: Mesh | None = None):
+    def __init__(self, config: Siglip2Config, params: dict, settings: TrainConfig, mesh: Mesh | None = None):
         if config.vision is None or config.text is None:
             raise ValueError("fine-tuning needs a two-tower checkpoint (image and text)")
-        self.config, self.cfg = config, cfg
-        self.mesh = mesh if mesh is not None else make_mesh(cfg.model_parallel)
+        self.config, self.settings = config, settings
+        self.mesh = mesh if mesh is not None else make_mesh(settings.model_parallel)
         defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-        self._compiled = _compile(config, dataclasses.replace(cfg, **{k: defaults[k] for k in NOT_IN_STEP}), self.mesh)
-        self.schedule = learning_rate_schedule(cfg)
+        in_step = dataclasses.replace(settings, **{k: defaults[k] for k in NOT_IN_STEP})
+        self._compiled = _compile(config, in_step, self.mesh)
+        self.schedule = learning_rate_schedule(settings)
         flat = self._compiled.place(stack_layers(flatten(params)))  # training scans stacked layers
-        trainable = {p: v for p, v in flat.items() if is_trainable(p, cfg.freeze)}
+        trainable = {p: v for p, v in flat.items() if is_trainable(p, settings.freeze)}
         self.trainable, self.frozen = nest(trainable), nest({p: v for p, v in flat.items() if p not in trainable})
         self.opt_state = self._compiled.init(self.trainable)
         self.step = 0
