@@ -35,13 +35,7 @@ from ..errors import first_line
 # in the order `siglip2-jax --help` lists them
 COMMANDS = ("convert", "export", "classify", "embed", "search", "finetune", "serve")
 
-# The project's error classes, by the module that defines them. They are looked up among the modules
-# already imported: --help must not import them (some import jax), and an error of a module that was
-# never imported cannot have been raised.
-PROJECT_ERRORS = (("siglip2_jax.config", "ConfigError"), ("siglip2_jax.checkpoint.safetensors_reader", "WeightsError"),
-                  ("siglip2_jax.checkpoint.sources", "SourceError"), ("siglip2_jax.embed_store", "EmbedError"),
-                  ("siglip2_jax.images", "ImageError"), ("siglip2_jax.train_data", "DataError"))
-DIVERGED = ("siglip2_jax.train.run", "TrainingDiverged")
+DIVERGED = "siglip2_jax.train.run", "TrainingDiverged"  # (module, class): not imported here, it imports jax
 
 
 class CommandError(Exception):
@@ -66,9 +60,9 @@ def run_command(name: str, args: argparse.Namespace) -> int:
     except CommandError as error:
         return _error(str(error))
     except Exception as error:
-        if _is_one_of(error, [DIVERGED]):
+        if _is_diverged(error):
             return _error(str(error), status=1)
-        if _is_one_of(error, PROJECT_ERRORS):
+        if _is_project_error(error):
             return _error(first_line(error))
         if isinstance(error, (ValueError, OSError, *getattr(command, "ALSO_REFUSED", ()))):
             subject = command.subject(args) if hasattr(command, "subject") else None
@@ -77,9 +71,17 @@ def run_command(name: str, args: argparse.Namespace) -> int:
         raise
 
 
-def _is_one_of(error: BaseException, classes) -> bool:
-    return any(isinstance(error, getattr(sys.modules[module], name)) for module, name in classes
-               if module in sys.modules)
+def _is_diverged(error: BaseException) -> bool:
+    module, name = DIVERGED
+    return module in sys.modules and isinstance(error, getattr(sys.modules[module], name))
+
+
+def _is_project_error(error: BaseException) -> bool:
+    """Whether `error`'s class is one of this package's own ValueErrors (ConfigError, WeightsError,
+    SourceError, EmbedError, ImageError, DataError, ...): their messages name the culprit. Told by the module
+    that defines the class, so that none is imported here (--help must stay light) and a class may move."""
+    package = __name__.split(".")[0]
+    return isinstance(error, ValueError) and type(error).__module__.split(".")[0] == package
 
 
 def _error(message: str, status: int = 2) -> int:
