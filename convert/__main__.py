@@ -1,5 +1,5 @@
 """siglip2-jax's conversion program: HF SigLIP / SigLIP 2 weights or a big_vision `.npz` -> a siglip2-jax
-checkpoint directory; and `export`, a siglip2-jax checkpoint -> a Hugging Face model directory.
+checkpoint directory; the same command as `siglip2-jax convert` (`siglip2_jax.commands.convert`).
 
     python -m siglip2_convert google/siglip2-base-patch16-224 ./b16-224 --verify
     python -m siglip2_convert siglip2_so400m14_384.npz ./so400m14-384 --tokenizer tokenizer.model
@@ -8,207 +8,21 @@ checkpoint directory; and `export`, a siglip2-jax checkpoint -> a Hugging Face m
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import resource
 import sys
-import time
-from pathlib import Path
 
-EPILOG = """\
-SRC is a Hugging Face hub id (downloaded with huggingface_hub; needs a network) or a local directory
-holding config.json and model.safetensors (or sharded model-0000k-of-0000n.safetensors with
-model.safetensors.index.json). Pickle files (.bin/.pt) are refused: they can run code when loaded.
-
-SRC may also be a big_vision checkpoint: siglip2_VARIANT.npz (or a directory or hub id holding one).
-The architecture comes from the variant in the file name (b16_224 ... g-opt16_384, b16_naflex,
-so400m16_naflex) or from --config; the Gemma tokenizer from --tokenizer or a *.model beside the .npz.
-
-OUT becomes a self-contained checkpoint (params written by Orbax, config.json, tokenizer and
-preprocessor files) that `siglip2_jax.load(OUT)` reads without a network.
-
---verify runs transformers (needs torch) on the source weights and siglip2-jax on OUT, on the same random
-pixels and token ids, prints the largest differences and exits 1 if they exceed the tolerances
-(float32: normalized embeddings 2e-5, logits 1e-3; bfloat16 weights: embedding cosine 0.999).
-For a FixRes .npz the reference is open_clip reading the .npz with its own loader (needs torch and
-open-clip-torch); open_clip has no NaFlex model, so a NaFlex .npz is compared with transformers on
-OUT exported to Hugging Face format (which checks the model, not the .npz key mapping).
-
-exit status: 0 converted (and verified), 1 verification failed, 2 bad input.
-"""
+from siglip2_jax.commands import run_command
+from siglip2_jax.commands.convert import DESCRIPTION, EPILOG, add_arguments
 
 
 def build_parser(prog: str = "python -m siglip2_convert") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description="Convert Hugging Face SigLIP 2 weights to a siglip2-jax checkpoint.",
-                                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog=prog, description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     return parser
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("src", metavar="SRC", help="hub id (google/siglip2-base-patch16-224), local HF model directory, "
-                                                   "or big_vision .npz")
-    parser.add_argument("out", metavar="OUT", help="output checkpoint directory")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                        help="storage dtype of the big weights (patch/position embeddings and norms stay float32)")
-    parser.add_argument("--verify", action="store_true", help="compare against transformers afterwards (needs torch)")
-    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    parser.add_argument("--config", metavar="FILE", help=".npz sources: the architecture (configs/NAME.json or a preset "
-                                                          "name) instead of the variant in the file name")
-    parser.add_argument("--tokenizer", metavar="PATH", help=".npz sources: the Gemma tokenizer.model (or tokenizer.json) "
-                                                             "to include (default: a *.model beside the .npz)")
-
-
-def missing_modules(names) -> list[str]:
-    """The modules among `names` that cannot be imported (checked without importing them)."""
-    missing = []
-    for name in names:
-        try:
-            if importlib.util.find_spec(name) is None:
-                missing.append(name)
-        except (ImportError, ValueError):  # a module set to None in sys.modules, or a broken parent
-            missing.append(name)
-    return missing
-
-
-def verify_requirements(src: str, config=None) -> str | None:
-    """Why --verify cannot run here (a one-line message), or None. A FixRes .npz is verified with open_clip."""
-    from siglip2_jax.checkpoint.big_vision import find_npz, variant_config, variant_of
-
-    try:
-        npz = find_npz(src)
-        fixres_npz = npz is not None and not (config or variant_config(variant_of(npz))).naflex
-    except ValueError:
-        fixres_npz = False  # the conversion reports it
-    needed = {"torch": "torch", "transformers": "transformers"}
-    if fixres_npz:  # without its torchvision requirement: see README, Conversion
-        needed["open_clip"] = "--no-deps open-clip-torch==3.3.0 timm==1.0.31 ftfy"
-    missing = missing_modules(needed)
-    if missing:
-        return (f"--verify needs {' and '.join(missing)}, which cannot be imported here: "
-                + "; ".join(f"pip install {needed[m]}" for m in missing) + " (or convert without --verify)")
-    return None
-
-
-def _config_arg(value: str | None):
-    from siglip2_jax.config import Siglip2Config, preset_names
-
-    if value is None:
-        return None
-    if not Path(value).exists() and value.split("/")[-1] in preset_names():
-        return Siglip2Config.preset(value)
-    return Siglip2Config.from_json(value)
-
-
-def run(args: argparse.Namespace) -> int:
-    import ml_dtypes
-    import numpy as np
-
-    from siglip2_jax.checkpoint import convert
-    from siglip2_jax.config import ConfigError
-
-    param_dtype = np.float32 if args.dtype == "float32" else ml_dtypes.bfloat16
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        print(f"error: {out}: already exists and is not empty (use --overwrite to replace it)", file=sys.stderr)
-        return 2
-    try:
-        config = _config_arg(args.config)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    if args.verify and (problem := verify_requirements(args.src, config)):
-        print(f"error: {problem}", file=sys.stderr)
-        return 2
-    start = time.perf_counter()
-    try:
-        local = convert(args.src, out, param_dtype=param_dtype, overwrite=args.overwrite, progress=not args.quiet,
-                        config=config, tokenizer=args.tokenizer)
-    except (ValueError, ConfigError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    peak_gib = peak_resident_bytes() / 2**30
-    files = [local] if local.is_file() else list(local.glob("*.safetensors"))
-    weight_bytes = sum(p.stat().st_size for p in files)
-    kind = ".npz" if local.is_file() else "safetensors"
-    print(f"converted {args.src} -> {out} in {time.perf_counter() - start:.1f} s; "
-          f"peak resident memory {peak_gib:.2f} GiB ({peak_gib * 2**30 / max(weight_bytes, 1):.2f}x the "
-          f"{weight_bytes / 2**30:.2f} GiB of {kind})")
-    if not args.verify:
-        return 0
-    from .verify import verify, verify_big_vision
-
-    if local.is_file():
-        report = verify_big_vision(local, out, bf16_weights=args.dtype == "bfloat16")
-    else:
-        report = verify(local, out, bf16_weights=args.dtype == "bfloat16")
-        print("verification against transformers (eager attention, float32):")
-    print("\n".join(report.lines()))
-    return 0 if report.passed else 1
-
-
-# ---- export ------------------------------------------------------------------------------------------
-EXPORT_EPILOG = """\
-CKPT is any siglip2-jax checkpoint directory: converted (siglip2-jax convert) or fine-tuned
-(runs/NAME/model). OUT becomes a Hugging Face model directory that transformers loads with
-AutoModel.from_pretrained(OUT) and AutoProcessor.from_pretrained(OUT): config.json (model_type siglip
-for FixRes, siglip2 for NaFlex), model.safetensors (sharded with model.safetensors.index.json past
---max-shard-size), the tokenizer files, preprocessor_config.json. OUT appears only when complete.
-
-exit status: 0 exported, 2 bad input.
-"""
-
-
-def add_export_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", metavar="CKPT", help="siglip2-jax checkpoint directory")
-    parser.add_argument("out", metavar="OUT", help="output Hugging Face model directory")
-    parser.add_argument("--format", choices=["hf"], default="hf", help="output format (Hugging Face transformers)")
-    parser.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
-                        help="largest safetensors file, e.g. 5GB, 500MB, 2GiB (default: %(default)s)")
-    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
-
-
-def run_export(args: argparse.Namespace) -> int:
-    from siglip2_jax.checkpoint import export_hf, is_checkpoint
-    from siglip2_jax.checkpoint.hf_export import parse_size
-    from siglip2_jax.config import ConfigError
-
-    checkpoint, out = Path(args.checkpoint), Path(args.out)
-    if not is_checkpoint(checkpoint):
-        print(f"error: {checkpoint}: not a siglip2-jax checkpoint directory (no params/ and config.json)", file=sys.stderr)
-        return 2
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        print(f"error: {out}: already exists and is not empty (use --overwrite to replace it)", file=sys.stderr)
-        return 2
-    start = time.perf_counter()
-    try:
-        parse_size(args.max_shard_size)
-        export_hf(checkpoint, out, max_shard_size=args.max_shard_size, overwrite=args.overwrite)
-    except (ValueError, ConfigError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    weight_bytes = sum(p.stat().st_size for p in out.glob("*.safetensors"))
-    peak = peak_resident_bytes()
-    print(f"exported {checkpoint} -> {out} in {time.perf_counter() - start:.1f} s; peak resident memory "
-          f"{peak / 2**30:.2f} GiB ({peak / max(weight_bytes, 1):.2f}x the {weight_bytes / 2**30:.2f} GiB of safetensors)")
-    return 0
-
-
-def peak_resident_bytes() -> int:
-    """This process's peak resident memory. Linux's VmHWM belongs to this program alone; ru_maxrss would
-    also count the parent's memory when we were started by fork + exec (e.g. from a test)."""
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB elsewhere
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
-
-
 def main(argv=None) -> int:
-    return run(build_parser().parse_args(argv))
+    return run_command("convert", build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

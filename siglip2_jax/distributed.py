@@ -11,23 +11,12 @@ SLURM, Open MPI, Kubernetes...) the coordinator address alone is enough: JAX det
 
 from __future__ import annotations
 
-import argparse
 import os
 
 import numpy as np
 
 ENV = {"coordinator_address": "JAX_COORDINATOR_ADDRESS", "num_processes": "JAX_NUM_PROCESSES",
        "process_id": "JAX_PROCESS_ID"}
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .cli import int_at_least
-
-    group = parser.add_argument_group("multi-host (one process per host; all flags default to the environment)")
-    group.add_argument("--coordinator-address", metavar="HOST:PORT",
-                       help="address of process 0, the same on every host ($JAX_COORDINATOR_ADDRESS)")
-    group.add_argument("--num-processes", type=int_at_least(1), metavar="N", help="number of processes ($JAX_NUM_PROCESSES)")
-    group.add_argument("--process-id", type=int_at_least(0), metavar="I", help="this process, 0..N-1 ($JAX_PROCESS_ID)")
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
@@ -59,7 +48,7 @@ def barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def agree(flags: np.ndarray) -> np.ndarray:
+def broadcast_from_process_0(flags: np.ndarray) -> np.ndarray:
     """Process 0's copy of a boolean array, on every process: one view of shared state for all of them
     (what each process sees of a file system may lag behind the others')."""
     import jax

@@ -33,6 +33,7 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from .config import ConfigError, VisionConfig
+from .errors import first_line
 
 ImageSource = Union[str, Path, bytes, bytearray, Image.Image, np.ndarray]
 
@@ -120,9 +121,9 @@ def _decode(file, name: str) -> Image.Image:
     except UnidentifiedImageError:
         raise ImageError(f"{name}: not an image (cannot identify image file)") from None
     except Image.DecompressionBombError as error:  # PIL's own limit, twice MAX_IMAGE_PIXELS
-        raise ImageError(f"{name}: too large, a decompression bomb? ({_first_line(error)})") from None
+        raise ImageError(f"{name}: too large, a decompression bomb? ({first_line(error)})") from None
     except Exception as error:  # PIL plugins raise many exception types on corrupt headers
-        raise ImageError(f"{name}: cannot decode ({_first_line(error)})") from None
+        raise ImageError(f"{name}: cannot decode ({first_line(error)})") from None
     limit = Image.MAX_IMAGE_PIXELS
     if limit is not None and image.width * image.height > limit:
         raise ImageError(
@@ -140,7 +141,7 @@ def _decoded(image: Image.Image, name: str) -> Image.Image:
         image.load()
         return ImageOps.exif_transpose(image)
     except Exception as error:  # truncated data is an OSError; corrupt data can be anything
-        raise ImageError(f"{name}: cannot decode ({_first_line(error)})") from None
+        raise ImageError(f"{name}: cannot decode ({first_line(error)})") from None
 
 
 def _image_from_array(array: np.ndarray) -> Image.Image:
@@ -153,11 +154,6 @@ def _image_from_array(array: np.ndarray) -> Image.Image:
     if mode is None or 0 in array.shape:
         raise ImageError(f"<array>: shape {array.shape} is not (H, W), (H, W, 1), (H, W, 3) or (H, W, 4)")
     return Image.fromarray(np.ascontiguousarray(array), mode)
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 # ----------------------------------------------------------------------------------- shared pixel steps
@@ -500,7 +496,7 @@ def read_processor_config(directory: str | Path) -> tuple[dict | None, str]:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as error:
-            raise ConfigError(f"{path}: unreadable ({_first_line(error)})") from None
+            raise ConfigError(f"{path}: unreadable ({first_line(error)})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: not a JSON object")
         if name == "processor_config.json":

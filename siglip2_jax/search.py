@@ -1,4 +1,4 @@
-"""`siglip2-jax search OUT "query"`: rank an `embed` output by similarity to a text (or an image).
+"""Rank an `embed` output by similarity to a text or an image (`siglip2-jax search OUT "query"`).
 
 The query is encoded by the model OUT was embedded with (its manifest names it; the fingerprint must
 match), then scored against the stored embeddings a slice at a time: each part's .npy is mapped
@@ -12,15 +12,13 @@ against captions) also gets the model's sigmoid probability that the pair matche
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
-import sys
 from pathlib import Path
 
 import numpy as np
 
-from .embed import EmbedError, _resolve_model, done_parts, fingerprint, part_files, read_manifest
+from .embed import _resolve_model
+from .embed_store import EmbedError, done_parts, fingerprint, part_files, read_index, read_manifest
 
 DEFAULT_CHUNK_ROWS = 16384  # 24 MiB of float16 B/16 embeddings (+ its float32 copy) per step
 
@@ -50,7 +48,7 @@ def search(out: str | Path, query: str | None = None, *, image=None, top_k: int 
     hits, indexes = [], {}  # only the winners' parts have their index read
     for rank, (score, part, row) in enumerate(zip(scores, parts, rows), 1):
         if part not in indexes:
-            indexes[part] = json.loads(part_files(out, part)[1].read_text())
+            indexes[part] = read_index(out, part)
         index = indexes[part]
         hits.append(Hit(rank, index["paths"][row], float(score), index=int(index["indices"][row])))
     if query_kind != manifest["kind"] and hits:  # the logit scale and bias were fitted to image-text pairs
@@ -119,62 +117,3 @@ def _model_for(manifest: dict, model):
     if fingerprint(directory) != manifest["model"]["fingerprint"]:
         raise EmbedError(f"{given}: not the model this OUT was embedded with ({manifest['model']['source']})")
     return load(source, **settings)
-
-
-# ------------------------------------------------------------------------------------------------ CLI
-
-EPILOG = """\
-examples:
-  siglip2-jax search out/photos "a dog on a beach"
-  siglip2-jax search out/photos --image query.jpg --top-k 20 --json
-  siglip2-jax search out/captions --image photo.jpg          (image -> text: which caption fits best)
-
-Scores are cosine similarities; text <-> image pairs also show the model's sigmoid probability of a match.
-The query is encoded by the model recorded in OUT/manifest.json (--model to point at a moved copy).
-Memory stays bounded by --chunk-rows, whatever the size of OUT.
-
-exit status: 0 results printed; 2 bad arguments, OUT not an embed output, or the model missing or different.
-"""
-
-
-def register(commands) -> None:
-    from .cli import positive_int  # counts of 0 or less are usage errors, not defaults
-
-    parser = commands.add_parser(
-        "search", help="rank an embed output by similarity to a text or an image",
-        description="Rank the embeddings in OUT (written by `siglip2-jax embed`) by similarity to a text\n"
-                    "query or, with --image, to an image.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("out", metavar="OUT", help="an embed output folder")
-    parser.add_argument("query", metavar="QUERY", nargs="?", help="the text to search for")
-    parser.add_argument("--image", metavar="PATH", help="search by this image instead of a text")
-    parser.add_argument("--top-k", type=positive_int, default=10, help="results to show (default 10)")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    parser.add_argument("--model", help="the model, if it has moved since embedding (must be the same weights)")
-    parser.add_argument("--chunk-rows", type=positive_int, default=DEFAULT_CHUNK_ROWS,
-                        help=f"embeddings scored per step: bounds memory (default {DEFAULT_CHUNK_ROWS})")
-    parser.add_argument("--partial", action="store_true", help="search an unfinished OUT (the parts done so far)")
-    parser.set_defaults(run=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    from .checkpoint import SourceError
-    from .config import ConfigError
-    from .images import ImageError
-
-    try:
-        hits = search(args.out, args.query, image=args.image, top_k=args.top_k, model=args.model,
-                      chunk_rows=args.chunk_rows, partial=args.partial)
-    except (EmbedError, SourceError, ConfigError, ImageError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except (OSError, ValueError) as error:
-        print(f"error: {args.out}: {str(error).strip().splitlines()[0] if str(error).strip() else error}", file=sys.stderr)
-        return 2
-    if args.json:
-        print(json.dumps([dataclasses.asdict(h) for h in hits], indent=2, ensure_ascii=False))
-    else:
-        for hit in hits:
-            probability = f"  {hit.probability:7.2%}" if hit.probability is not None else ""
-            print(f"{hit.rank:4d}  {hit.score:+.4f}{probability}  {hit.path}")
-    return 0

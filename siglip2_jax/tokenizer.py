@@ -36,6 +36,8 @@ import numpy as np
 import tokenizers
 from tokenizers import AddedToken, normalizers
 
+from .errors import first_line
+
 TEXT_LENGTH = 64  # SigLIP 2 text towers have 64 positions.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")  # in order of preference, as in transformers
 LOWERCASE_MODES = ("unicode", "python", "ascii", "none")
@@ -215,7 +217,7 @@ def _read_tokenizers_json(path: Path, data: bytes) -> tuple[tokenizers.Tokenizer
     try:
         backend = tokenizers.Tokenizer.from_str(data.decode("utf-8"))
     except Exception as error:  # tokenizers raises a bare Exception for any parse error
-        raise ValueError(f"{path}: not a tokenizers JSON file ({_first_line(error)})") from None
+        raise ValueError(f"{path}: not a tokenizers JSON file ({first_line(error)})") from None
     eos_id = backend.token_to_id("<eos>")
     if eos_id is None:
         raise ValueError(f"{path}: the tokenizer has no <eos> token (not a Gemma vocabulary)")
@@ -232,7 +234,7 @@ def _config_added_tokens(path: Path) -> list[AddedToken]:
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
-        raise ValueError(f"{path}: not a JSON file ({_first_line(error)})") from None
+        raise ValueError(f"{path}: not a JSON file ({first_line(error)})") from None
     if not isinstance(config, dict):
         raise ValueError(f"{path}: not a JSON object")
     tokens = []
@@ -259,8 +261,3 @@ def _as_list(texts: str | Sequence[str]) -> list[str]:
         if not isinstance(text, str):
             raise TypeError(f"texts[{i}] is a {type(text).__name__}, expected str")
     return texts
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

@@ -1,11 +1,12 @@
-"""`siglip2-jax serve MODEL`: flags, --help and start-up. Nothing heavy is imported until `run`."""
+"""`siglip2-jax serve MODEL`: flags, --help, and the model and settings the server starts with
+(`siglip2_jax.serving.server` runs it). Nothing heavy is imported until `run`."""
 
 from __future__ import annotations
 
 import argparse
 import os
-import signal
-import sys
+
+from . import CommandError, int_at_least, positive_int
 
 EPILOG = """\
 endpoints (OpenAI-compatible where OpenAI has one):
@@ -47,8 +48,6 @@ def _non_negative(value: str) -> float:
 
 
 def register(commands) -> None:
-    from ..cli import int_at_least, positive_int  # counts of 0 or less are usage errors, not defaults
-
     parser = commands.add_parser(
         "serve", help="serve embeddings and zero-shot classification over HTTP (OpenAI-compatible)",
         description="Serve a SigLIP 2 model over HTTP: OpenAI-compatible embeddings for texts and images, "
@@ -88,85 +87,39 @@ def register(commands) -> None:
                         help="with --allow-url-fetch, also fetch from loopback/private addresses (tests only)")
     parser.add_argument("--fetch-max-bytes", type=positive_int, default=20 << 20, help="largest fetched image")
     parser.add_argument("--fetch-timeout-s", type=_non_negative, default=10.0, help="timeout of one fetch")
-    parser.set_defaults(run=run)
+
+
+def subject(args: argparse.Namespace) -> str:
+    return args.model
 
 
 def run(args: argparse.Namespace) -> int:
     try:
         import fastapi  # noqa: F401
         import prometheus_client  # noqa: F401
-        import uvicorn
+        import uvicorn  # noqa: F401
     except ImportError as error:
-        return _fail(f"serve needs {error.name}: pip install 'siglip2-jax[serve]'")
+        raise CommandError(f"serve needs {error.name}: pip install 'siglip2-jax[serve]'") from None
+    import jax
     import jax.numpy as jnp
 
     from ..pipeline import load
+    from ..serving.app import ServerSettings
+    from ..serving.inputs import FetchPolicy
+    from ..serving.server import serve
     from ..sharding import make_mesh
-    from .app import ServerSettings, create_app
-    from .inputs import FetchPolicy
 
     if args.allow_private_urls and not args.allow_url_fetch:
-        return _fail("--allow-private-urls needs --allow-url-fetch")
-    try:
-        mesh = make_mesh(model_parallel=args.model_parallel) if args.model_parallel > 1 or _devices() > 1 else None
-        pipeline = load(args.model, dtype=getattr(jnp, args.dtype), mesh=mesh, max_num_patches=args.max_num_patches,
-                        image_size=args.image_size, batch_size=args.max_batch_size)
-    except (ValueError, OSError) as error:
-        return _fail(f"{args.model}: {error}" if str(args.model) not in str(error) else str(error))
+        raise CommandError("--allow-private-urls needs --allow-url-fetch")
+    several = args.model_parallel > 1 or jax.local_device_count() > 1
+    mesh = make_mesh(model_parallel=args.model_parallel) if several else None
+    pipeline = load(args.model, dtype=getattr(jnp, args.dtype), mesh=mesh, max_num_patches=args.max_num_patches,
+                    image_size=args.image_size, batch_size=args.max_batch_size)
     settings = ServerSettings(
         model_name=args.model_name or str(args.model), api_key=args.api_key or None,
         max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
         max_request_bytes=args.max_request_bytes, max_inputs_per_request=args.max_inputs_per_request,
         decode_workers=args.decode_workers,
         fetch=FetchPolicy(args.allow_url_fetch, args.allow_private_urls, args.fetch_max_bytes, args.fetch_timeout_s))
-    print(f"siglip2-jax serve: {settings.model_name} on http://{args.host}:{args.port}; compiling every batch "
-          f"shape first (GET /health turns 200 when ready)", file=sys.stderr, flush=True)
-    app = create_app(pipeline, settings)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=60)
-    # uvicorn re-raises the signal that stopped it once it is done; with these no-op handlers in place
-    # the re-raised signal does nothing and a clean shutdown exits 0
-    previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        _draining_server(config, app.state.server).run()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    serve(pipeline, settings, host=args.host, port=args.port)
     return 0
-
-
-def _draining_server(config, state):
-    """uvicorn's server with a drain before the exit: on SIGTERM (or Ctrl-C) new requests get 503 while
-    the ones in progress are answered; only then does the listener close and the process exit 0. A second
-    signal exits at once. (uvicorn alone closes the listener first, so a request still in the accept
-    queue at that moment would be cut off.)"""
-    import threading
-
-    import uvicorn
-
-    class DrainingServer(uvicorn.Server):
-        def handle_exit(self, sig, frame):
-            if state.stopping:
-                return super().handle_exit(sig, frame)
-            state.stopping = True
-            print("siglip2-jax serve: stopping: answering the requests in progress, refusing new ones",
-                  file=sys.stderr, flush=True)
-
-            def drain():
-                state.wait_idle(DRAIN_TIMEOUT_S)
-                super(DrainingServer, self).handle_exit(sig, frame)
-            threading.Thread(target=drain, daemon=True).start()
-
-    return DrainingServer(config)
-
-
-DRAIN_TIMEOUT_S = 60
-
-
-def _devices() -> int:
-    import jax
-    return jax.local_device_count()
-
-
-def _fail(message: str) -> int:
-    print(f"error: {message}", file=sys.stderr)
-    return 2

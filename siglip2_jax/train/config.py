@@ -2,11 +2,11 @@
 
     TrainConfig       every setting of `siglip2_jax.train.finetune`; also the `siglip2-jax finetune` flags
                       and the keys of its --config JSON file
-    register          adds the `finetune` command to the `siglip2-jax` parser (the job runs in train.py)
     config_from_args  defaults, then the --config file, then the flags
 
-Kept apart from `siglip2_jax.train` so that `siglip2-jax --help` and `siglip2-jax finetune --help` do not
-import jax, optax and orbax (seconds); `siglip2_jax.train` re-exports all of it.
+Imports no jax, optax or orbax (seconds), and neither does the package's `__init__`: so that
+`siglip2-jax --help` and `siglip2-jax finetune --help` (`siglip2_jax.commands.finetune`, which makes a flag
+of every setting) answer at once. `siglip2_jax.train` re-exports it.
 """
 
 from __future__ import annotations
@@ -64,6 +64,7 @@ class TrainConfig:
                                 "keeps the count it started with")
 
     def validate(self) -> "TrainConfig":
+        """Itself; ValueError naming the first setting (as its flag) that is missing or out of range."""
         for name in ("model", "data", "out"):
             if not getattr(self, name):
                 raise ValueError(f"--{name} is required")
@@ -73,7 +74,7 @@ class TrainConfig:
             raise ValueError(f"--dtype {self.dtype!r}: expected float32, bfloat16 or auto")
         for name in ("steps", "batch_size", "save_every", "keep", "model_parallel", "max_num_patches"):
             if getattr(self, name) < 1:
-                raise ValueError(f"--{_flag(name)} {getattr(self, name)}: must be at least 1")
+                raise ValueError(f"--{flag_name(name)} {getattr(self, name)}: must be at least 1")
         if self.image_size < 0:
             raise ValueError(f"--image-size {self.image_size}: must be 0 (the model's own) or a size in pixels")
         if self.workers < -1:
@@ -81,71 +82,13 @@ class TrainConfig:
         for name in ("learning_rate", "end_learning_rate", "weight_decay", "clip_norm", "warmup_steps",
                      "eval_every", "eval_holdout"):
             if not getattr(self, name) >= 0:
-                raise ValueError(f"--{_flag(name)} {getattr(self, name)}: must not be negative")
+                raise ValueError(f"--{flag_name(name)} {getattr(self, name)}: must not be negative")
         return self
 
 
-# ---- the `siglip2-jax finetune` command --------------------------------------------------------------
-DESCRIPTION = """\
-Fine-tune a SigLIP 2 model on your image-text pairs with the sigmoid loss (AdamW, linear warmup then
-cosine decay, gradient clipping), data parallel over all devices, resumable, and export the result as
-an inference checkpoint (OUT/model)."""
-
-EPILOG = """\
-examples:
-  siglip2-jax finetune --model ckpt/b16-224 --data pets/captions.jsonl --out runs/pets
-  siglip2-jax finetune --config pets.json --freeze image       LiT: the image tower stays fixed
-  siglip2-jax finetune --config pets.json --steps 2000          a flag wins over the file
-
---config FILE is a JSON object whose keys are the flag names ("batch-size" or "batch_size"):
-  {"model": "ckpt/b16-224", "data": "pets/captions.jsonl", "out": "runs/pets", "steps": 500,
-   "batch-size": 64, "learning-rate": 3e-5, "freeze": "image", "eval-holdout": 200}
-
-captions file: .jsonl, one {"image": "cats/1.jpg", "caption": "a cat on a sofa"} per line, or .csv with a
-header row (image,caption); image paths are relative to the captions file.
-
-resuming: run the same command again. Training continues from the last checkpoint in OUT/checkpoints
-with the same batches, and ends with the same parameters as an uninterrupted run. Ctrl-C or SIGTERM
-stops at the end of the current step and saves a checkpoint first (a second one stops at once).
-Use the exported model like any other: siglip2_jax.load("runs/pets/model"), siglip2-jax classify
-runs/pets/model photo.jpg --labels ...
-
-multi-host: run the same command on every host with --coordinator-address, --num-processes and a
-distinct --process-id (or the JAX_* variables); the batches do not depend on the number of hosts.
-
-exit status: 0 trained and exported; 1 the loss became NaN or infinite; 2 bad flags, config file, data or
-model (one line on stderr naming it); 130 interrupted (a checkpoint was saved: run again to resume).
-"""
-
-
-METAVARS = {"model": "MODEL", "data": "FILE", "eval_data": "FILE", "out": "DIR"}
-
-
-def _flag(name: str) -> str:
+def flag_name(name: str) -> str:
+    """The flag (without its --) and --config key of setting `name`: "batch_size" -> "batch-size"."""
     return name.replace("_", "-")
-
-
-def register(commands) -> None:
-    """Add `finetune` to the `siglip2-jax` subcommands."""
-    parser = commands.add_parser("finetune", help="fine-tune on image-text pairs (sigmoid loss, resumable)",
-                                 description=DESCRIPTION, epilog=EPILOG,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", metavar="FILE", help="JSON file of settings (keys: the flag names below)")
-    for field in dataclasses.fields(TrainConfig):
-        default = field.default
-        help_text = f"{field.metadata['help']} (default: {default!r})" if default != "" else field.metadata["help"]
-        if isinstance(default, bool):
-            parser.add_argument(f"--{_flag(field.name)}", action=argparse.BooleanOptionalAction, default=None,
-                                help=help_text)
-        else:
-            choices = {"freeze": FREEZE_MODES, "dtype": DTYPES}.get(field.name)
-            metavar = None if choices else METAVARS.get(field.name, {int: "N", float: "X"}.get(type(default)))
-            parser.add_argument(f"--{_flag(field.name)}", type=type(default), default=None, help=help_text,
-                                choices=choices, metavar=metavar)
-    from .distributed import add_arguments as add_multi_host_arguments
-
-    add_multi_host_arguments(parser)
-    parser.set_defaults(run=_run)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -181,9 +124,3 @@ def _checked(value, default, where: str):
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise ValueError(f"{where}: expected {kind.__name__}, got {json.dumps(value)}")
     return value
-
-
-def _run(args: argparse.Namespace) -> int:
-    from .train import run  # jax and the training machinery load only when a run starts
-
-    return run(args)
