@@ -17,12 +17,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .checkpoint import (is_checkpoint, iter_hf_params, read_checkpoint_config, resolve_source, restore_params,
-                         write_checkpoint)
-from .config import DEFAULT_MODEL, DEFAULT_TEMPLATE, ConfigError, Siglip2Config, check_template  # noqa: F401 (DEFAULT_MODEL: re-exported)
+from .checkpoint import write_checkpoint
+from .config import DEFAULT_MODEL, DEFAULT_TEMPLATE, Siglip2Config, check_template  # noqa: F401 (DEFAULT_MODEL: re-exported)
 from .images import ImagePreprocessor
-from .model.build import flatten, model_from_params, nest, unstack_layers
+from .model.build import model_from_params, params_of
+from .model_source import ModelSource
 from .engine import BatchEngine
+from .params import Layout
 from .sharding import param_shardings
 
 
@@ -43,8 +44,11 @@ class PatchFeatures:
 
 class Siglip2Pipeline:
     def __init__(self, config: Siglip2Config, params: dict, *, tokenizer=None, dtype=jnp.float32, mesh=None,
-                 max_num_patches: int = 256, batch_size: int = 32, assets_dir: Path | None = None,
+                 max_num_patches: int = 256, batch_size: int = 32, source: ModelSource | None = None,
                  preprocessor: ImagePreprocessor | None = None):
+        """`params`: flat params (`siglip2_jax.params`) as `load` gives them: per layer, which runs faster
+        at inference than the stacked layout (see `model.layers.Encoder`); stacked ones run as a scan.
+        `source`: where they came from (`save` copies its tokenizer and processor files)."""
         # the one image preprocessor (default: hub SigLIP 2 settings); it decides the NaFlex budget
         if preprocessor is None and config.vision is not None:
             preprocessor = ImagePreprocessor.for_model(config.vision, max_num_patches=max_num_patches)
@@ -52,9 +56,8 @@ class Siglip2Pipeline:
             max_num_patches = preprocessor.max_num_patches
         self.preprocessor = preprocessor
         self.config, self.tokenizer, self.mesh = config, tokenizer, mesh
-        self.max_num_patches, self.batch_size, self.assets_dir = max_num_patches, batch_size, assets_dir
-        # one array per encoder layer: faster than the stacked (scan) layout at inference (see Encoder)
-        self.model = model_from_params(config, nest(unstack_layers(flatten(params))), dtype=dtype)
+        self.max_num_patches, self.batch_size, self.source = max_num_patches, batch_size, source
+        self.model = model_from_params(config, params, dtype=dtype)
         self._graphdef, self._state = nnx.split(self.model)
         graphdef = self._graphdef
 
@@ -74,6 +77,11 @@ class Siglip2Pipeline:
             tokens_per_row.update(image=image_tokens_per_row, image_tokens=image_tokens_per_row)
         self.engine = BatchEngine({"image": jax.jit(image_embeds), "image_tokens": jax.jit(image_tokens),
                                    "text": jax.jit(text_embeds)}, self._state, tokens_per_row, mesh)
+
+    @property
+    def assets_dir(self) -> Path | None:
+        """The directory the model was loaded from (None for params given directly)."""
+        return self.source.directory if self.source is not None else None
 
     # ---- inputs -----------------------------------------------------------------------------------
     def preprocess(self, images) -> np.ndarray | dict:
@@ -162,8 +170,8 @@ class Siglip2Pipeline:
 
     def save(self, directory: str | Path, overwrite: bool = False) -> Path:
         """A self-contained checkpoint directory (params, config, tokenizer and preprocessor files)."""
-        leaves = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(self.model, nnx.Param)))
-        path = write_checkpoint(directory, self.config, leaves, source=self.config.name,
+        params = {path: np.asarray(value) for path, value in params_of(self.model).items()}
+        path = write_checkpoint(directory, self.config, params, source=self.config.name,
                                 assets_from=self.assets_dir, overwrite=overwrite)
         if self.preprocessor is not None:
             self.preprocessor.save(path)  # this pipeline's settings (its image_size, its budget)
@@ -181,9 +189,10 @@ class Siglip2Pipeline:
         return (items[s:s + self.batch_size] for s in range(0, len(items), self.batch_size))
 
 
-def load(source: str | Path = DEFAULT_MODEL, *, dtype=jnp.float32, mesh=None, max_num_patches: int | None = None,
+def load(source: str | Path | ModelSource = DEFAULT_MODEL, *, dtype=jnp.float32, mesh=None, max_num_patches: int | None = None,
          image_size: int | None = None, batch_size: int = 32, tokenizer=None) -> Siglip2Pipeline:
-    """A siglip2-jax checkpoint dir, a local HF model dir, or a hub id (downloaded, converted in memory).
+    """A siglip2-jax checkpoint dir, a local HF model dir, or a hub id (downloaded, converted in memory),
+    or a `ModelSource` already resolved from one.
 
     dtype: compute dtype (float32 or bfloat16; patch/position embeddings and norms stay float32).
     mesh: a `jax.sharding.Mesh` with a "data" (and optionally "model") axis; default: one device.
@@ -195,36 +204,14 @@ def load(source: str | Path = DEFAULT_MODEL, *, dtype=jnp.float32, mesh=None, ma
     Images are preprocessed as the checkpoint's `preprocessor_config.json` says (`ImagePreprocessor`);
     a value that is not implemented raises ConfigError naming the field, before any weight is read.
     """
-    from .tokenizer import Tokenizer
-
-    path = Path(source).expanduser()
-    if is_checkpoint(path):
-        config, directory = read_checkpoint_config(path), path
-    else:
-        directory = resolve_source(source)
-        config, leaves = iter_hf_params(directory)
-    preprocessor = None
-    if config.vision is None and image_size is not None:
-        raise ConfigError(f"image_size={image_size}: {source} has no image tower")
-    if config.vision is not None:
-        preprocessor = ImagePreprocessor.from_dir(directory, config.vision, max_num_patches=max_num_patches,
-                                                  image_size=image_size)
-    if is_checkpoint(path):
-        shardings = param_shardings(config, mesh) if mesh is not None else None
-        params = unstack_layers(flatten(restore_params(path, config, shardings)))
-    else:
-        shardings = flatten(param_shardings(config, mesh)) if mesh is not None else {}
-        params = unstack_layers({p: jax.device_put(v, shardings.get(p)) if shardings else jnp.asarray(v) for p, v in leaves})
-        config = dataclasses.replace(config, name=str(source))
+    model = source if isinstance(source, ModelSource) else ModelSource(source)
+    preprocessor = model.preprocessor(max_num_patches=max_num_patches, image_size=image_size)
+    config = model.config
+    params = model.params(Layout.PER_LAYER, param_shardings(config, mesh) if mesh is not None else None)
     if image_size is not None:
         config, params = _at_image_size(config, params, image_size, mesh)
-    if tokenizer is None and config.text is not None:
-        try:
-            tokenizer = Tokenizer.from_dir(directory)
-        except FileNotFoundError:
-            tokenizer = None
-    return Siglip2Pipeline(config, nest(params), tokenizer=tokenizer, dtype=dtype, mesh=mesh,
-                           batch_size=batch_size, assets_dir=directory, preprocessor=preprocessor)
+    return Siglip2Pipeline(config, params, tokenizer=tokenizer if tokenizer is not None else model.tokenizer,
+                           dtype=dtype, mesh=mesh, batch_size=batch_size, source=model, preprocessor=preprocessor)
 
 
 def _at_image_size(config: Siglip2Config, params: dict, image_size: int, mesh) -> tuple[Siglip2Config, dict]:
@@ -235,7 +222,7 @@ def _at_image_size(config: Siglip2Config, params: dict, image_size: int, mesh) -
     config = dataclasses.replace(config, vision=dataclasses.replace(config.vision, image_size=image_size))
     key = "vision/embed/position"
     table = interpolate_fixres_positions(params[key], config.vision.patch_size, image_size)
-    params[key] = jax.device_put(table, flatten(param_shardings(config, mesh))[key]) if mesh is not None else table
+    params[key] = jax.device_put(table, param_shardings(config, mesh)[key]) if mesh is not None else table
     return config, params
 
 
