@@ -19,14 +19,14 @@ except metadata.PackageNotFoundError:  # a source tree that was never installed
 _EXPORTS = {
     "DEFAULT_MODEL": "config", "Siglip2Config": "config", "TextConfig": "config", "VisionConfig": "config",
     "ModelSource": "model_source", "PatchFeatures": "pipeline", "Siglip2Pipeline": "pipeline", "load": "pipeline",
-    "read_embeddings": "embed",
+    "read_embeddings": "embed_store",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
 
 if TYPE_CHECKING:
     from .config import DEFAULT_MODEL, Siglip2Config, TextConfig, VisionConfig
-    from .embed import read_embeddings
+    from .embed_store import read_embeddings
     from .model_source import ModelSource
     from .pipeline import PatchFeatures, Siglip2Pipeline, load
 

@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _command_modules() -> list:
     from .embed import register as register_embed
     from .search import register as register_search
-    from .train_config import register as register_finetune
+    from .train.config import register as register_finetune
     from .serving.command import register as register_serve
     return [register_embed, register_search, register_finetune, register_serve]
 

@@ -7,25 +7,8 @@ file exists is done. A run killed at any moment (kill -9 included) is continued 
 redoes only the parts that were not finished, batch for batch as before, so the result is bit-identical
 to an uninterrupted run and holds every input exactly once.
 
-Output (OUT/), version 1:
-
-    manifest.json       what was embedded and how: {"format": "siglip2-jax-embeddings", "format_version": 1,
-                        "kind": "image" | "text", "model": {"source", "fingerprint"},
-                        "input": {"source", "listing": "folder" | "list" | "texts", "count", "sha256"},
-                        "options": {"dtype", "batch_size", "part_size", "max_num_patches", "model_parallel",
-                                    "image_size" (FixRes run at another size, else null)},
-                        "dim", "num_parts", and, once every part is done, "result": {"embedded", "refused"}}
-    parts/000123.npy    the embeddings of part 123 (inputs 123 * part_size ... 124 * part_size - 1 of the
-                        listing, those that could be read, in listing order): a standard .npy array of shape
-                        (rows, dim), float32 or float16, L2-normalized
-    parts/000123.json   its index, written after the .npy, so its presence marks the part done:
-                        {"part": 123, "indices": [listing position of each row], "paths": [input of each row],
-                        "refused": [{"index", "path", "reason"}, ...], "process": the process that wrote it}
-    refused.jsonl       all refused inputs, one {"index", "path", "reason"} per line (written at the end)
-
-Paths are absolute (a folder's files; a list file's entries relative to its folder); for `--texts` the
-"paths" are the captions. Every file is written under a temporary name, fsynced, then renamed into place:
-a reader never sees a torn file. `read_embeddings(OUT)` returns (paths, array) in listing order.
+OUT's layout (manifest.json, parts/NNNNNN.npy and .json, refused.jsonl) is `siglip2_jax.embed_store`'s;
+`read_embeddings(OUT)` (re-exported here) returns (paths, array) in listing order.
 
 Multi-host: every process lists the inputs itself, reads only the files of its own parts, and writes only
 its own part files; OUT must be on a file system all hosts share. The parts are global, so a job can be
@@ -39,11 +22,8 @@ import concurrent.futures
 import dataclasses
 import functools
 import gc
-import hashlib
 import itertools
-import json
 import os
-import socket
 import sys
 from pathlib import Path
 
@@ -51,15 +31,14 @@ import numpy as np
 
 from . import distributed
 from .data import DecodeBatch, ImagePreprocessor, iterate, list_files, make_loader, read_lines, read_path_list
+# the output format; re-exported: `siglip2_jax.embed.read_embeddings` etc. are where users import them from
+from .embed_store import (FORMAT, FORMAT_VERSION, EmbedError, done_mask, done_parts, fingerprint,  # noqa: F401
+                          json_bytes, new_manifest, part_files, read_embeddings, read_index, read_manifest,
+                          write_atomic)
 
-FORMAT, FORMAT_VERSION = "siglip2-jax-embeddings", 1
 DTYPES = ("float32", "float16")
 FLAGS = {"dtype": "--dtype", "batch_size": "--batch-size", "part_size": "--part-size",
          "max_num_patches": "--max-num-patches", "model_parallel": "--model-parallel", "image_size": "--image-size"}
-
-
-class EmbedError(ValueError):
-    """A problem with the arguments, the model or OUT; the message is one line naming the culprit."""
 
 
 @dataclasses.dataclass
@@ -125,20 +104,13 @@ def embed(model, inputs: str | Path, out: str | Path, *, texts: bool = False, dt
     fixres_images = kind == "image" and not config.naflex
     # the FixRes input size when it is not the model's own (load(image_size=...)), else None
     size = preprocess.image_size if fixres_images and preprocess.image_size != config.vision.image_size else None
-    manifest = {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "kind": kind,
-        "model": {"source": model_source, "fingerprint": fingerprint(model_dir)},
-        "input": {"source": os.path.abspath(inputs), "listing": listing, "count": len(items),
-                  "sha256": hashlib.sha256("\0".join(items).encode("utf-8", "surrogateescape")).hexdigest()},
-        "options": {"dtype": dtype, "batch_size": batch_size, "part_size": part_size,
-                    "max_num_patches": budget, "model_parallel": int(mesh.shape["model"]) if mesh is not None else 1,
-                    "image_size": size},
-        "dim": config.embed_dim, "num_parts": -(-len(items) // part_size),
-    }
+    options = {"dtype": dtype, "batch_size": batch_size, "part_size": part_size, "max_num_patches": budget,
+               "model_parallel": int(mesh.shape["model"]) if mesh is not None else 1, "image_size": size}
+    manifest = new_manifest(kind, model_source, model_dir, inputs, listing, items, options, config.embed_dim)
     _open(out, manifest)
 
     # Every process must deal the parts alike: all take process 0's view of which are done.
-    done = distributed.agree(_done_parts(out, manifest["num_parts"]))
+    done = distributed.agree(done_mask(out, manifest["num_parts"]))
     if done.any() and jax.process_index() == 0:
         print(f"continuing {out}: {int(done.sum())} of {len(done)} parts already done", file=sys.stderr)
     pending = [part for part in range(manifest["num_parts"]) if not done[part]]
@@ -292,7 +264,7 @@ class _PartWriter:
                  "refused": self.refused, "process": self.process}
         name = f"{part:06d}"
         write_atomic(self.parts_dir / f"{name}.npy", lambda f: np.save(f, array))
-        write_atomic(self.parts_dir / f"{name}.json", _json_bytes(index))  # last: marks the part done
+        write_atomic(self.parts_dir / f"{name}.json", json_bytes(index))  # last: marks the part done
         self.embeddings, self.indices, self.refused, self.sources = [], [], [], {}
 
 
@@ -300,7 +272,7 @@ def _finish(out: Path, manifest: dict, write: bool) -> EmbedResult:
     """Counts what all processes wrote; process 0 writes refused.jsonl and the result into the manifest."""
     embedded, refused, missing = 0, [], 0
     for part in range(manifest["num_parts"]):
-        index = _read_index(out, part)
+        index = read_index(out, part)
         if index is None:
             missing += 1
             continue
@@ -308,67 +280,10 @@ def _finish(out: Path, manifest: dict, write: bool) -> EmbedResult:
         refused.extend(index["refused"])
     complete = missing == 0
     if write and complete:
-        write_atomic(out / "refused.jsonl", b"".join(_json_bytes(r) for r in refused))
+        write_atomic(out / "refused.jsonl", b"".join(json_bytes(r) for r in refused))
         result = {**manifest, "result": {"embedded": embedded, "refused": len(refused)}}
-        write_atomic(out / "manifest.json", _json_bytes(result, indent=2))
+        write_atomic(out / "manifest.json", json_bytes(result, indent=2))
     return EmbedResult(out, manifest["input"]["count"], embedded, refused, complete)
-
-
-# ------------------------------------------------------------------------------------------------ reading
-
-
-def read_manifest(out: str | Path) -> dict:
-    path = Path(out) / "manifest.json"
-    try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise EmbedError(f"{out}: not an embed output (no manifest.json)") from None
-    except (OSError, ValueError) as error:
-        raise EmbedError(f"{path}: unreadable ({error})") from None
-    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
-        raise EmbedError(f"{path}: not a {FORMAT} manifest of version {FORMAT_VERSION}")
-    return manifest
-
-
-def done_parts(out: str | Path, partial: bool = False) -> list[int]:
-    """The finished parts of OUT, in order. Unless `partial`, refuses an unfinished OUT."""
-    manifest = read_manifest(out)
-    done = _done_parts(Path(out), manifest["num_parts"])
-    if not partial and not done.all():
-        raise EmbedError(f"{out}: unfinished ({int(done.sum())} of {len(done)} parts done); "
-                         "run the same embed command again to finish it")
-    return [int(p) for p in np.flatnonzero(done)]
-
-
-def part_files(out: str | Path, part: int) -> tuple[Path, Path]:
-    """(embeddings .npy, index .json) of one part."""
-    return Path(out) / "parts" / f"{part:06d}.npy", Path(out) / "parts" / f"{part:06d}.json"
-
-
-def read_embeddings(out: str | Path, partial: bool = False) -> tuple[list[str], np.ndarray]:
-    """(paths, embeddings) of an `embed` output, in listing order: row i is the embedding of paths[i]
-    (refused inputs have no row). Loads everything into memory (`siglip2-jax search` does not).
-    Refuses an unfinished OUT unless `partial`."""
-    manifest = read_manifest(out)
-    paths, arrays = [], []
-    for part in done_parts(out, partial):
-        npy, _ = part_files(out, part)
-        paths.extend(_read_index(Path(out), part)["paths"])
-        arrays.append(np.load(npy))
-    dtype = np.dtype(manifest["options"]["dtype"])
-    return paths, np.concatenate(arrays) if arrays else np.zeros((0, manifest["dim"]), dtype)
-
-
-def _read_index(out: Path, part: int) -> dict | None:
-    try:
-        return json.loads(part_files(out, part)[1].read_text())
-    except FileNotFoundError:
-        return None
-
-
-def _done_parts(out: Path, num_parts: int) -> np.ndarray:
-    names = set(os.listdir(out / "parts")) if (out / "parts").is_dir() else set()
-    return np.array([f"{part:06d}.json" in names for part in range(num_parts)], bool)
 
 
 # ------------------------------------------------------------------------------------------------ inputs
@@ -413,23 +328,6 @@ def _resolve_model(model: str | Path):
     return (os.path.abspath(directory) if local else str(model)), directory, config
 
 
-def fingerprint(directory: str | Path) -> str:
-    """Identifies a model directory without reading all its weights: every file's name and size, small
-    files in full, and the first and last MiB of large ones (where different weights differ)."""
-    digest, chunk = hashlib.sha256(), 1 << 20
-    for path in sorted(p for p in Path(directory).rglob("*") if p.is_file()):
-        size = path.stat().st_size
-        digest.update(f"{path.relative_to(directory)}\0{size}\0".encode())
-        with open(path, "rb") as file:
-            digest.update(file.read(chunk))
-            if size > 2 * chunk:
-                file.seek(-chunk, os.SEEK_END)
-                digest.update(file.read(chunk))
-            elif size > chunk:
-                digest.update(file.read())
-    return "sha256:" + digest.hexdigest()
-
-
 # ------------------------------------------------------------------------------------------------ OUT
 
 
@@ -443,7 +341,7 @@ def _open(out: Path, manifest: dict) -> None:
         if out.is_dir() and set(n for n in os.listdir(out) if not n.startswith(".")) - {"manifest.json", "parts"}:
             raise EmbedError(f"{out}: exists, is not empty and has no manifest.json; give a new or empty folder")
         out.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, _json_bytes(manifest, indent=2))  # every process writes the same bytes
+        write_atomic(path, json_bytes(manifest, indent=2))  # every process writes the same bytes
     (out / "parts").mkdir(exist_ok=True)
 
 
@@ -469,26 +367,6 @@ def _remove_stale_temporaries(parts_dir: Path, parts: set[int]) -> None:
             (parts_dir / name).unlink(missing_ok=True)
 
 
-def write_atomic(path: Path, content) -> None:
-    """Writes `content` (bytes, or a function of a binary file) so that `path` is either absent, the old
-    file, or the whole new one, even after a crash: temporary name, fsync, rename, fsync the folder."""
-    temporary = path.with_name(f".{path.name}.{socket.gethostname()}-{os.getpid()}.tmp")
-    with open(temporary, "wb") as file:
-        file.write(content) if isinstance(content, bytes) else content(file)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(temporary, path)
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
-
-
-def _json_bytes(value, indent=None) -> bytes:
-    return (json.dumps(value, ensure_ascii=False, indent=indent) + "\n").encode("utf-8", "surrogateescape")
-
-
 def _progress_name() -> str:
     import jax
 
@@ -503,7 +381,7 @@ INPUT is one of:
   a text file         one image path per line (relative paths are relative to the file's folder)
   a text file --texts one caption per line: text embeddings instead of image embeddings
 
-OUT (format version 1, described in full in the docstring of siglip2_jax/embed.py):
+OUT (format version 1, described in full in the docstring of siglip2_jax/embed_store.py):
   manifest.json        the model, input and options; the result once finished
   parts/NNNNNN.npy     embeddings, (rows, dim), L2-normalized, float32 or --dtype float16
   parts/NNNNNN.json    which input each row is, and the inputs of that part that were refused, with reasons
@@ -597,8 +475,8 @@ def _kept(out) -> str:
         manifest = read_manifest(out)
     except EmbedError:
         return f"nothing was saved in {out}"
-    done = _done_parts(Path(out), manifest["num_parts"])
-    rows = sum(len(_read_index(Path(out), int(part))["indices"]) for part in np.flatnonzero(done))
+    done = done_mask(Path(out), manifest["num_parts"])
+    rows = sum(len(read_index(out, int(part))["indices"]) for part in np.flatnonzero(done))
     return f"{int(done.sum())} of {len(done)} parts ({rows} embeddings) are saved in {out}"
 
 

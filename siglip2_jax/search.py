@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .embed import EmbedError, _resolve_model, done_parts, fingerprint, part_files, read_manifest
+from .embed import _resolve_model
+from .embed_store import EmbedError, done_parts, fingerprint, part_files, read_index, read_manifest
 
 DEFAULT_CHUNK_ROWS = 16384  # 24 MiB of float16 B/16 embeddings (+ its float32 copy) per step
 
@@ -50,7 +51,7 @@ def search(out: str | Path, query: str | None = None, *, image=None, top_k: int 
     hits, indexes = [], {}  # only the winners' parts have their index read
     for rank, (score, part, row) in enumerate(zip(scores, parts, rows), 1):
         if part not in indexes:
-            indexes[part] = json.loads(part_files(out, part)[1].read_text())
+            indexes[part] = read_index(out, part)
         index = indexes[part]
         hits.append(Hit(rank, index["paths"][row], float(score), index=int(index["indices"][row])))
     if query_kind != manifest["kind"] and hits:  # the logit scale and bias were fitted to image-text pairs

@@ -2,11 +2,11 @@
 
     TrainConfig       every setting of `siglip2_jax.train.finetune`; also the `siglip2-jax finetune` flags
                       and the keys of its --config JSON file
-    register          adds the `finetune` command to the `siglip2-jax` parser (the job runs in train.py)
+    register          adds the `finetune` command to the `siglip2-jax` parser (the job runs in run.py)
     config_from_args  defaults, then the --config file, then the flags
 
-Kept apart from `siglip2_jax.train` so that `siglip2-jax --help` and `siglip2-jax finetune --help` do not
-import jax, optax and orbax (seconds); `siglip2_jax.train` re-exports all of it.
+Imports no jax, optax or orbax (seconds), and neither does the package's `__init__`: so that
+`siglip2-jax --help` and `siglip2-jax finetune --help` answer at once. `siglip2_jax.train` re-exports it.
 """
 
 from __future__ import annotations
@@ -142,7 +142,7 @@ def register(commands) -> None:
             metavar = None if choices else METAVARS.get(field.name, {int: "N", float: "X"}.get(type(default)))
             parser.add_argument(f"--{_flag(field.name)}", type=type(default), default=None, help=help_text,
                                 choices=choices, metavar=metavar)
-    from .distributed import add_arguments as add_multi_host_arguments
+    from ..distributed import add_arguments as add_multi_host_arguments
 
     add_multi_host_arguments(parser)
     parser.set_defaults(run=_run)
@@ -184,6 +184,6 @@ def _checked(value, default, where: str):
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .train import run  # jax and the training machinery load only when a run starts
+    from .run import run  # jax and the training machinery load only when a run starts
 
     return run(args)

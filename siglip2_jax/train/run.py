@@ -1,0 +1,397 @@
+"""The fine-tuning job: captions file -> batches -> steps -> Orbax checkpoints -> eval -> exported model.
+
+    TrainCheckpoints  OUT/checkpoints/STEP/: the trainable parameters, the optimizer state, the data position
+    evaluate          retrieval recall@1 on held-out pairs
+    finetune          the whole run, resumable: checks, resume, steps, evaluation, export
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from ..sharding import make_mesh
+from .config import TrainConfig, _flag, config_from_args
+from .trainer import Trainer
+
+
+# ---- training checkpoints ---------------------------------------------------------------------------
+class TrainCheckpoints:
+    """OUT/checkpoints/STEP/ (an Orbax `CheckpointManager`): the trainable parameters, the optimizer
+    state, and the progress (step, data position) as JSON. Frozen parameters are not saved (they never
+    change): a resumed run reads them from the model it started from."""
+
+    def __init__(self, directory: Path, keep: int):
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+        self.manager = ocp.CheckpointManager(Path(directory).absolute(), options=options)
+
+    def save(self, trainer: Trainer, data: dict) -> None:
+        """data: where the data loader is (its state, and what is needed to rebuild it)."""
+        if self.manager.latest_step() == trainer.step:
+            return
+        self.manager.save(trainer.step, force=True, args=ocp.args.Composite(
+            params=ocp.args.StandardSave(trainer.trainable), opt_state=ocp.args.StandardSave(trainer.opt_state),
+            progress=ocp.args.JsonSave({"step": trainer.step, "data": data})))
+
+    def restore_latest(self, trainer: Trainer) -> dict | None:
+        """Load the newest checkpoint into `trainer` (straight onto its shardings); its progress, or None."""
+        step = self.manager.latest_step()
+        if step is None:
+            return None
+        target = trainer.abstract_state()
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(target["params"]), opt_state=ocp.args.StandardRestore(target["opt_state"]),
+            progress=ocp.args.JsonRestore()))
+        trainer.load_state(dict(params=restored.params, opt_state=restored.opt_state), step)
+        return restored.progress
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+# ---- evaluation -------------------------------------------------------------------------------------
+def retrieval_recall(image_embeds: np.ndarray, text_embeds: np.ndarray, captions) -> dict:
+    """Recall@1 of image->text and text->image retrieval over pairs (row i of each is one pair). A retrieved
+    item counts as correct when its caption equals the query's: small sets often repeat captions."""
+    scores = np.asarray(image_embeds) @ np.asarray(text_embeds).T  # the logits rank the same (scale > 0)
+    captions = np.asarray(list(captions), dtype=object)
+    return {"image_to_text_recall@1": float(np.mean(captions[scores.argmax(1)] == captions)),
+            "text_to_image_recall@1": float(np.mean(captions[scores.argmax(0)] == captions))}
+
+
+def evaluate(trainer: Trainer, pairs, transform, batch_size: int) -> dict:
+    """Retrieval recall@1 over `pairs` with the trainer's current parameters. Every process reads all the
+    pairs (a held-out set is small) and feeds its rows of each global batch."""
+    from ..data import iterate, make_loader
+
+    share = batch_size // jax.process_count()
+    first = jax.process_index() * share
+    images, texts = [], []
+    for batch in iterate(make_loader(pairs, transform, batch_size=batch_size)):
+        n = len(batch["token_ids"])
+        # pad the last batch with copies of its last pair: one compiled shape for every batch
+        rows = jax.tree.map(lambda x: np.concatenate([x, np.repeat(x[-1:], batch_size - n, 0)])[first:first + share], batch)
+        image_embeds, text_embeds = trainer.embed(rows)
+        images.append(image_embeds[:n])
+        texts.append(text_embeds[:n])
+    return retrieval_recall(np.concatenate(images), np.concatenate(texts), [p.caption for p in pairs])
+
+
+# ---- the job ----------------------------------------------------------------------------------------
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+@dataclasses.dataclass
+class FinetuneResult:
+    trainer: Trainer
+    history: list[dict]          # one record per step run by this call: step, loss, grad_norm, learning_rate
+    evals: list[dict]            # step and retrieval recall@1 of each evaluation
+    exported: Path               # the inference checkpoint (siglip2_jax.load reads it)
+
+
+RUN_CONTROL = {"save_every", "keep", "eval_every", "workers", "export_hf"}  # may change when a run is resumed; nothing else may
+
+
+def finetune(cfg: TrainConfig, *, on_step=None, progress: bool = True) -> FinetuneResult:
+    """Fine-tune `cfg.model` on `cfg.data`, resuming from `cfg.out`'s last checkpoint if there is one, and
+    export OUT/model. `on_step(record)` is called after every step with its metrics (floats).
+
+    Everything is checked (settings, data, model, an OUT of another run) before anything is written to
+    OUT. Every step up to the latest checkpoint is in OUT/metrics.jsonl exactly once, also after a kill and
+    a resume. In the main thread, SIGINT (Ctrl-C) and SIGTERM stop the run at the end of the current step:
+    it is logged and saved, then `Interrupted` (a KeyboardInterrupt) is raised; a second signal stops at
+    once, keeping the last checkpoint. Multi-host: call `distributed.initialize` first; every process runs
+    the same call."""
+    run = _Run(cfg, on_step=on_step, progress=progress)
+    run.prepare()
+    run.resume()
+    run.train()
+    return run.export()
+
+
+class _Run:
+    """One `finetune` call, one method per phase; the phases share the trainer, the data and the log.
+
+        prepare  checks everything (settings, data, model, an OUT of another run); writes nothing
+        resume   opens OUT: the run's settings, the last checkpoint, the data loader at its position
+        train    the steps, their log (OUT/metrics.jsonl, the progress bar), checkpoints, evaluations
+        export   the last evaluation, OUT/model (and OUT/model-hf)
+    """
+
+    def __init__(self, cfg: TrainConfig, *, on_step, progress: bool):
+        self.cfg, self.on_step, self.progress = cfg, on_step, progress
+        self.out = Path(cfg.out)
+        self.history, self.evals = [], []
+        self.clock = {}
+
+    def prepare(self) -> None:
+        from flax import nnx
+
+        from ..pipeline import load
+        from ..train_data import PairTransform, check_batch_size, read_pairs, split_holdout
+
+        cfg = self.cfg
+        cfg.validate()
+        self.pairs = read_pairs(cfg.data)
+        self.eval_pairs = read_pairs(cfg.eval_data) if cfg.eval_data else []
+        if cfg.eval_holdout:
+            self.pairs, held_out = split_holdout(self.pairs, cfg.eval_holdout, cfg.seed)
+            self.eval_pairs += held_out
+        mesh = make_mesh(cfg.model_parallel)
+        if cfg.batch_size % mesh.shape["data"]:
+            raise ValueError(f"--batch-size {cfg.batch_size} is not a multiple of the {mesh.shape['data']} "
+                             f"data-parallel devices")
+        check_batch_size(len(self.pairs), cfg.batch_size)
+        _check_same_run(self.out, cfg)
+
+        pipeline = load(cfg.model, mesh=mesh, max_num_patches=cfg.max_num_patches, image_size=cfg.image_size or None)
+        if pipeline.tokenizer is None:
+            raise ValueError(f"{cfg.model}: has no tokenizer (tokenizer.model or tokenizer.json)")
+        self.config, self.assets_dir = pipeline.config, pipeline.assets_dir
+        self.transform = PairTransform.for_model(pipeline)
+        self.trainer = Trainer(self.config, nnx.to_pure_dict(nnx.state(pipeline.model, nnx.Param)), cfg, mesh)
+        del pipeline  # its copy of the weights is no longer needed
+
+    def resume(self) -> None:
+        from ..train_data import SkippedImages, pair_loader
+
+        # everything is checked: from here on, OUT is written
+        cfg, out, trainer = self.cfg, self.out, self.trainer
+        self.is_main = jax.process_index() == 0
+        _write_run_config(out, cfg, self.is_main)
+        self.checkpoints = TrainCheckpoints(out / "checkpoints", cfg.keep)
+        resumed = self.checkpoints.restore_latest(trainer)
+        if self.is_main:  # the steps after the checkpoint are run (and logged) again
+            _trim_metrics(out / "metrics.jsonl", trainer.step)
+        self.workers = resumed["data"]["workers"] if resumed else _worker_count(cfg.workers)
+        skipped = SkippedImages(out / "skipped_images.jsonl", len(self.pairs), cfg.batch_size,
+                                jax.process_index()) if cfg.skip_bad_images else None
+        self.batches = iter(pair_loader(self.pairs, self.transform, cfg.batch_size, seed=cfg.seed,
+                                        workers=self.workers, skipped=skipped))
+        if resumed:
+            self.batches.set_state(resumed["data"]["loader"])
+
+    def train(self) -> None:
+        from tqdm.auto import tqdm
+
+        cfg, trainer, checkpoints = self.cfg, self.trainer, self.checkpoints
+        self.bar = tqdm(total=cfg.steps, initial=trainer.step, unit="step",
+                        disable=not self.progress or not self.is_main, dynamic_ncols=True,
+                        desc="resumed" if trainer.step else "fine-tuning")
+        try:
+            with _StopAtStepEnd(self.bar.write) as stop:
+                pending = None  # metrics are read one step late, so the host never waits for the device
+                while trainer.step < cfg.steps and not stop.requested:
+                    metrics = trainer.train_step(next(self.batches))
+                    if pending is not None:
+                        self._report(*pending)
+                    pending = (trainer.step, metrics)
+                    if trainer.step % cfg.save_every == 0 or stop.requested:
+                        self._report(*pending)  # a checkpointed step is always logged first
+                        pending = None
+                        checkpoints.save(trainer, self._data_state())
+                    if self.eval_pairs and cfg.eval_every and trainer.step % cfg.eval_every == 0:
+                        self._evaluate()
+                if pending is not None:
+                    self._report(*pending)
+                checkpoints.save(trainer, self._data_state())
+                if stop.requested:
+                    raise Interrupted(trainer.step, self.out / "checkpoints")
+        finally:
+            getattr(self.batches, "close", lambda: None)()  # stops the workers now, not at garbage collection
+            checkpoints.close()
+            self.bar.close()
+
+    def export(self) -> FinetuneResult:
+        from ..checkpoint import export_hf, save_checkpoint
+
+        cfg, out, trainer = self.cfg, self.out, self.trainer
+        if self.eval_pairs and not (self.evals and self.evals[-1]["step"] == trainer.step):
+            self._evaluate()
+        exported = out / "model"
+        params = _host_params(trainer.params())  # every process takes part: the weights may be split over hosts
+        if self.is_main:
+            save_checkpoint(exported, self.config, params, source=str(cfg.model), assets_from=self.assets_dir,
+                            overwrite=True)
+            self.transform.images.save(exported)  # the settings it was trained with (its image size, its budget)
+            if cfg.export_hf:
+                export_hf(exported, out / "model-hf", overwrite=True)
+        return FinetuneResult(trainer, self.history, self.evals, exported)
+
+    def _data_state(self) -> dict:
+        return {"loader": self.batches.get_state(), "workers": self.workers}
+
+    def _write(self, record: dict) -> None:
+        if self.is_main:
+            with (self.out / "metrics.jsonl").open("a") as log:
+                log.write(json.dumps(record) + "\n")
+
+    def _report(self, step: int, metrics: dict) -> None:
+        record = {"step": step, **{k: float(v) for k, v in metrics.items()},
+                  "learning_rate": self.trainer.learning_rate(step - 1)}
+        if not math.isfinite(record["loss"]):
+            raise TrainingDiverged(f"the loss became {record['loss']} at step {step} "
+                                   f"(try a lower --learning-rate or --clip-norm)")
+        now = time.perf_counter()
+        self.clock.setdefault("start", (now, step))  # the first step (compilation) is not timed
+        start, first = self.clock["start"]
+        speed = f", {(step - first) * self.cfg.batch_size / (now - start):.1f} examples/s" if step > first else ""
+        self.history.append(record)
+        self._write(record)
+        self.bar.update(1)
+        self.bar.set_postfix_str(f"loss {record['loss']:.4f}{speed}")
+        if self.on_step is not None:
+            self.on_step(record)
+
+    def _evaluate(self) -> None:
+        trainer = self.trainer
+        result = {"step": trainer.step, **evaluate(trainer, self.eval_pairs, self.transform, self.cfg.batch_size)}
+        self.evals.append(result)
+        self._write({"eval": result})
+        self.bar.write(f"step {trainer.step}: " + ", ".join(f"{k} {v:.3f}" for k, v in result.items() if k != "step"))
+
+
+def _worker_count(workers: int) -> int:
+    import os
+
+    if workers >= 0:
+        return workers
+    return 0 if jax.default_backend() == "cpu" else min(32, max(1, (os.cpu_count() or 2) - 1))
+
+
+def _check_same_run(out: Path, cfg: TrainConfig) -> None:
+    """A run with a checkpoint in OUT is resumed only with the settings it was started with (else it is not
+    the same run). OUT without a checkpoint (a start that failed before its first save) is free."""
+    path = out / "finetune_config.json"
+    steps = out / "checkpoints"
+    if not (path.is_file() and steps.is_dir() and any(p.name.isdigit() for p in steps.iterdir())):
+        return
+    saved = json.loads(path.read_text())
+    for name, value in dataclasses.asdict(cfg).items():
+        if name not in RUN_CONTROL and name in saved and saved[name] != value:
+            raise ValueError(f"{out}: this run was started with --{_flag(name)} {saved[name]!r}, now "
+                             f"{value!r}; resume it with the same settings, or use a new --out")
+
+
+def _write_run_config(out: Path, cfg: TrainConfig, is_main: bool) -> None:
+    """OUT/finetune_config.json: the settings, which `_check_same_run` compares a resumed run with."""
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "finetune_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+
+
+def _trim_metrics(path: Path, step: int) -> None:
+    """Drops the records of steps after `step` (the checkpoint a run resumes from): they are run again and
+    logged again. Written under a temporary name, then renamed."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if line.strip() and _record_step(json.loads(line)) <= step]
+    if len(kept) != len(lines):
+        temporary = path.with_name(f".{path.name}.tmp")
+        temporary.write_text("".join(kept))
+        temporary.replace(path)
+
+
+def _record_step(record: dict) -> int:
+    return record["step"] if "step" in record else record["eval"]["step"]
+
+
+def _host_params(params: dict) -> dict:
+    """The params tree as numpy arrays on every process (gathered when they are split over processes)."""
+    if jax.process_count() == 1:
+        return jax.device_get(params)
+    from jax.experimental import multihost_utils
+
+    return jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)), params)
+
+
+class Interrupted(KeyboardInterrupt):
+    """A run stopped by SIGINT or SIGTERM at the end of a step, saved: run it again to resume."""
+
+    def __init__(self, step: int, checkpoints: Path):
+        super().__init__(step, checkpoints)
+        self.step, self.checkpoints = step, checkpoints
+
+
+class _StopAtStepEnd:
+    """Within `with`: SIGINT and SIGTERM set `requested` (the loop stops at the end of its step, which keeps
+    the parameters, the optimizer state, the step count and the data position in step with each other); a
+    second signal raises KeyboardInterrupt at once. Only the main thread can handle signals: elsewhere
+    this does nothing."""
+
+    SIGNALS = ("SIGINT", "SIGTERM")
+
+    def __init__(self, say):
+        self.say, self.requested, self.previous = say, False, {}
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        self.say("stopping at the end of this step to save a checkpoint (signal again to stop at once, "
+                 "unsaved)")
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for name in self.SIGNALS:
+                number = getattr(signal, name)
+                self.previous[number] = signal.signal(number, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
+        return False
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        cfg = config_from_args(args)
+    except ValueError as err:
+        return _fail(err)
+    from .. import distributed, train
+
+    try:
+        # preemptible machines get SIGTERM: finetune treats it like Ctrl-C (a checkpoint at the end of the step)
+        distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+        result = train.finetune(cfg)  # the package's name, looked up now: a caller may have replaced it
+    except TrainingDiverged as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except Interrupted as stopped:
+        print(f"interrupted: step {stopped.step} saved in {stopped.checkpoints}; run the same command to resume",
+              file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print(f"interrupted at once: the last checkpoint in {Path(cfg.out) / 'checkpoints'} is kept; run the "
+              "same command to resume from it", file=sys.stderr)
+        return 130
+    except (ValueError, OSError) as err:
+        return _fail(err)
+    last = result.history[-1]["loss"] if result.history else float("nan")
+    hf = f" and {Path(cfg.out) / 'model-hf'} (Hugging Face format)" if cfg.export_hf else ""
+    print(f"trained {result.trainer.step} steps (final loss {last:.4f}); exported {result.exported}{hf}")
+    return 0
+
+
+def _fail(err: BaseException) -> int:
+    lines = str(err).strip().splitlines() or [type(err).__name__]
+    print(f"error: {lines[0]}", file=sys.stderr)
+    return 2
