@@ -205,7 +205,7 @@ def bench_variant(key: str, kinds: list[str], batches: list[int], runtimes: list
                 args, feed = torch_args(kind, x), onnx_feed(kind, x)
                 calls = {
                     # as bench/speed.py times it: host arrays in, embeddings on the device (padded batch) out
-                    "ours": lambda x=x: jax.block_until_ready(ours.embed_preprocessed(x, kind)),
+                    "ours": lambda x=x: jax.block_until_ready(ours.embed_preprocessed(x, kind).device_array),
                     "eager": lambda a=args: towers["eager"](*a).numpy(),
                     "sdpa": lambda a=args: towers["sdpa"](*a).numpy(),
                     "compile": lambda a=args: compiled(*a).numpy(),

@@ -75,21 +75,36 @@ class ModelSource:
 
     @functools.cached_property
     def fingerprint(self) -> str:
-        """`embed.fingerprint` of the directory (computed once): what an embed output records of its model."""
-        from .embed import fingerprint
+        """`embed_store.fingerprint` of the directory (computed once): what an embed output records of its model."""
+        from .embed_store import fingerprint
 
         return fingerprint(self.directory)
 
-    def params(self, layout: Layout = Layout.STACKED, shardings: dict | None = None) -> dict:
+    def config_at(self, image_size: int | None = None) -> Siglip2Config:
+        """The config; for a FixRes model run at `image_size` x `image_size` pixels, with that size (the
+        params `params(image_size=...)` gives fit it)."""
+        if image_size is None:
+            return self.config
+        return dataclasses.replace(self.config, vision=dataclasses.replace(self.config.vision, image_size=image_size))
+
+    def params(self, layout: Layout = Layout.STACKED, shardings: dict | None = None, *,
+               image_size: int | None = None) -> dict:
         """Flat params (`siglip2_jax.params`) in `layout`, as jax arrays (a checkpoint's stored dtype;
-        float32 from HF) placed on `shardings`
-        ({path: Sharding} of the stacked layout, as `sharding.param_shardings` gives; default: the first
-        device). Orbax checkpoints restore each shard on its device; HF safetensors are checked from their
-        headers (WeightsError) and read one tensor at a time."""
+        float32 from HF) placed on `shardings` ({path: Sharding} of the stacked layout, as
+        `sharding.param_shardings(self.config, mesh)` gives; default: the first device). Orbax checkpoints
+        restore each shard on its device; HF safetensors are checked from their headers (WeightsError) and
+        read one tensor at a time. `image_size`: a FixRes model's position table resized once for inputs
+        of that size (`model.vision.interpolate_fixres_positions`), to go with `config_at(image_size)`."""
         if self.is_checkpoint:
-            return restore_params(self.directory, self.config, shardings, layout=layout)
-        _, leaves = iter_hf_params(self.directory, self.config)
-        shardings = shardings or {}
-        params = {path: jax.device_put(value, shardings[path]) if shardings else jnp.asarray(value)
-                  for path, value in leaves}
-        return to_layout(params, layout)
+            params = restore_params(self.directory, self.config, shardings, layout=layout)
+        else:
+            _, leaves = iter_hf_params(self.directory, self.config)
+            params = to_layout({path: jax.device_put(value, shardings[path]) if shardings else jnp.asarray(value)
+                                for path, value in leaves}, layout)
+        if image_size is not None:
+            from .model.vision import interpolate_fixres_positions
+
+            key = "vision/embed/position"
+            table = interpolate_fixres_positions(params[key], self.config.vision.patch_size, image_size)
+            params[key] = jax.device_put(table, shardings[key]) if shardings else table
+        return params

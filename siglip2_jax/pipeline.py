@@ -20,9 +20,10 @@ from flax import nnx
 from .checkpoint import write_checkpoint
 from .config import DEFAULT_MODEL, DEFAULT_TEMPLATE, Siglip2Config, check_template  # noqa: F401 (DEFAULT_MODEL: re-exported)
 from .images import ImagePreprocessor
+from .losses import cosine_logits
 from .model.build import model_from_params, params_of
 from .model_source import ModelSource
-from .engine import BatchEngine
+from .engine import BatchEngine, Pending
 from .params import Layout
 from .sharding import param_shardings
 
@@ -111,12 +112,13 @@ class Siglip2Pipeline:
         self._require("text")
         return self.engine.map("text", self._chunks(np.asarray(token_ids, np.int32).reshape(-1, self.config.text.max_length)))
 
-    def embed_preprocessed(self, inputs, kind: str = "image") -> jax.Array:
-        """One batch that is already `preprocess`ed (kind="image") or `tokenize`d (kind="text") -> its
-        embeddings on device, padded to the compiled batch size and not waited for: the caller overlaps
-        the next batch's preparation with this one's compute, then takes `np.asarray(result)[:n]`."""
+    def embed_preprocessed(self, inputs, kind: str = "image") -> Pending:
+        """One batch of n inputs that is already `preprocess`ed (kind="image") or `tokenize`d (kind="text"),
+        dispatched and not waited for: the caller overlaps the next batch's preparation with this one's
+        compute, then calls `.result()` for its (n, D) float32 embeddings (the padding up to the compiled
+        batch size trimmed off)."""
         self._require("vision" if kind == "image" else "text")
-        return self.engine.dispatch(kind, inputs).device_array
+        return self.engine.dispatch(kind, inputs)
 
     def patch_features(self, images) -> PatchFeatures:
         """Dense per-patch features of each image, with each patch's (row, col)."""
@@ -144,10 +146,17 @@ class Siglip2Pipeline:
 
     # ---- answers ----------------------------------------------------------------------------------
     def logits(self, image_embeds: np.ndarray, text_embeds: np.ndarray) -> np.ndarray:
-        """(n_images, n_texts) logits of normalized embeddings: scale * cosine + bias."""
+        """(n_images, n_texts) float32 logits of L2-normalized (n, D) embeddings: exp(logit_scale) * cosine +
+        logit_bias (`losses.pair_logits`)."""
         self._require("vision"), self._require("text")
-        scale = float(np.exp(np.asarray(self.model.logit_scale[...])))
-        return np.asarray(image_embeds, np.float32) @ np.asarray(text_embeds, np.float32).T * scale + float(self.model.logit_bias[...])
+        return np.asarray(self.model.logits(jnp.asarray(image_embeds, jnp.float32), jnp.asarray(text_embeds, jnp.float32)))
+
+    def match_probability(self, cosine: np.ndarray) -> np.ndarray:
+        """Cosine similarities of image-text pairs (any shape) -> the model's probability that each pair
+        matches (float32, same shape): the sigmoid of its logit, as `zero_shot` computes it."""
+        self._require("vision"), self._require("text")
+        return sigmoid(np.asarray(cosine_logits(jnp.asarray(cosine, jnp.float32), self.model.logit_scale[...],
+                                                self.model.logit_bias[...])))
 
     def zero_shot(self, images, labels: Sequence[str], template: str = DEFAULT_TEMPLATE) -> np.ndarray:
         """(n_images, n_labels) probabilities, each an independent sigmoid: rows need not sum to 1."""
@@ -206,24 +215,10 @@ def load(source: str | Path | ModelSource = DEFAULT_MODEL, *, dtype=jnp.float32,
     """
     model = source if isinstance(source, ModelSource) else ModelSource(source)
     preprocessor = model.preprocessor(max_num_patches=max_num_patches, image_size=image_size)
-    config = model.config
-    params = model.params(Layout.PER_LAYER, param_shardings(config, mesh) if mesh is not None else None)
-    if image_size is not None:
-        config, params = _at_image_size(config, params, image_size, mesh)
-    return Siglip2Pipeline(config, params, tokenizer=tokenizer if tokenizer is not None else model.tokenizer,
+    shardings = param_shardings(model.config, mesh) if mesh is not None else None
+    params = model.params(Layout.PER_LAYER, shardings, image_size=image_size)
+    return Siglip2Pipeline(model.config_at(image_size), params, tokenizer=tokenizer if tokenizer is not None else model.tokenizer,
                            dtype=dtype, mesh=mesh, batch_size=batch_size, source=model, preprocessor=preprocessor)
-
-
-def _at_image_size(config: Siglip2Config, params: dict, image_size: int, mesh) -> tuple[Siglip2Config, dict]:
-    """A FixRes model's config and flat params for image_size x image_size inputs (its position table
-    resized by `interpolate_fixres_positions`)."""
-    from .model.vision import interpolate_fixres_positions
-
-    config = dataclasses.replace(config, vision=dataclasses.replace(config.vision, image_size=image_size))
-    key = "vision/embed/position"
-    table = interpolate_fixres_positions(params[key], config.vision.patch_size, image_size)
-    params[key] = jax.device_put(table, param_shardings(config, mesh)[key]) if mesh is not None else table
-    return config, params
 
 
 def _as_list(images) -> list:

@@ -130,7 +130,6 @@ def write_checkpoint(out_dir: str | Path, config: Siglip2Config, params, **kwarg
 def save_checkpoint(out_dir: str | Path, config: Siglip2Config, params: dict, *, source: str = "",
                     assets_from: str | Path | None = None, overwrite: bool = False) -> Path:
     """Write flat params (numpy or jax arrays, either layout) and everything needed to use them."""
-    params = flatten(params)  # TRANSITIONAL (#13 phase 2 removes it): train.py and bench/ still pass nested trees
     return write_checkpoint(out_dir, config, params, source=source, assets_from=assets_from, overwrite=overwrite)
 
 

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ..config import Siglip2Config
-from ..params import Layout, flatten, layout_of, nest, to_layout  # noqa: F401 (nest: TRANSITIONAL, for train.py)
+from ..params import Layout, layout_of
 from .siglip import Siglip2
 
 
@@ -27,16 +27,17 @@ def flat_param_shapes(config: Siglip2Config, param_dtype=jnp.float32) -> dict[st
     return params_of(abstract_model(config, param_dtype=param_dtype))
 
 
-def flat_param_axes(config: Siglip2Config) -> dict[str, tuple]:
+def flat_param_specs(config: Siglip2Config) -> dict[str, tuple[tuple[int, ...], tuple]]:
+    """{path: (shape, logical axes)} of every parameter, in the stacked layout, from one abstract model."""
     state = nnx.state(abstract_model(config), nnx.Param)
-    return {"/".join(map(str, path)): var.get_metadata()["axes"] for path, var in nnx.to_flat_state(state)}
+    return {"/".join(map(str, path)): (var.get_value().shape, var.get_metadata()["axes"])
+            for path, var in nnx.to_flat_state(state)}
 
 
 def model_from_params(config: Siglip2Config, params: dict, *, dtype=jnp.float32, **kw) -> Siglip2:
     """Build the model around existing flat params (`siglip2_jax.params`), allocating nothing else.
     The encoder layout follows the params (`layout_of`). Raises ValueError when the paths do not match
     the config's."""
-    params = flatten(params)  # TRANSITIONAL (#13 phase 2 removes it): train.py still passes nested trees
     kw.setdefault("stacked_layers", layout_of(params) is Layout.STACKED)
     graphdef, state = nnx.split(abstract_model(config, dtype=dtype, **kw))
     variables = {"/".join(map(str, path)): (path, var) for path, var in nnx.to_flat_state(state)}
@@ -45,8 +46,3 @@ def model_from_params(config: Siglip2Config, params: dict, *, dtype=jnp.float32,
                          f"unexpected {sorted(params.keys() - variables.keys())[:3]}")
     return nnx.merge(graphdef, nnx.from_flat_state([(path, var.replace(jnp.asarray(params[key])))
                                                     for key, (path, var) in variables.items()]))
-
-
-def stack_layers(params: dict) -> dict:
-    """TRANSITIONAL (#13 phase 2 removes it): train.py's name for `to_layout(..., Layout.STACKED)`."""
-    return to_layout(dict(params), Layout.STACKED)

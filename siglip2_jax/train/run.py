@@ -21,7 +21,7 @@ import orbax.checkpoint as ocp
 
 from ..sharding import make_mesh
 from .config import TrainConfig, _flag, config_from_args
-from .trainer import Trainer
+from .trainer import FSDP_RULES, Trainer
 
 
 # ---- training checkpoints ---------------------------------------------------------------------------
@@ -136,9 +136,9 @@ class _Run:
         self.clock = {}
 
     def prepare(self) -> None:
-        from flax import nnx
-
-        from ..pipeline import load
+        from ..model_source import ModelSource
+        from ..params import Layout
+        from ..sharding import param_shardings
         from ..train_data import PairTransform, check_batch_size, read_pairs, split_holdout
 
         cfg = self.cfg
@@ -155,13 +155,15 @@ class _Run:
         check_batch_size(len(self.pairs), cfg.batch_size)
         _check_same_run(self.out, cfg)
 
-        pipeline = load(cfg.model, mesh=mesh, max_num_patches=cfg.max_num_patches, image_size=cfg.image_size or None)
-        if pipeline.tokenizer is None:
+        source, image_size = ModelSource(cfg.model), cfg.image_size or None
+        images = source.preprocessor(max_num_patches=cfg.max_num_patches, image_size=image_size)
+        if source.tokenizer is None:
             raise ValueError(f"{cfg.model}: has no tokenizer (tokenizer.model or tokenizer.json)")
-        self.config, self.assets_dir = pipeline.config, pipeline.assets_dir
-        self.transform = PairTransform.for_model(pipeline)
-        self.trainer = Trainer(self.config, nnx.to_pure_dict(nnx.state(pipeline.model, nnx.Param)), cfg, mesh)
-        del pipeline  # its copy of the weights is no longer needed
+        self.config, self.assets_dir = source.config_at(image_size), source.directory
+        self.transform = PairTransform(images, source.tokenizer, self.config.text.max_length)
+        # stacked, as training scans them, and placed as the trainer shards them: no inference model
+        shardings = param_shardings(source.config, mesh, FSDP_RULES if cfg.fsdp else None)
+        self.trainer = Trainer(self.config, source.params(Layout.STACKED, shardings, image_size=image_size), cfg, mesh)
 
     def resume(self) -> None:
         from ..train_data import SkippedImages, pair_loader
