@@ -41,17 +41,17 @@ print(json.dumps(dict(imports=t_import - t0, load=t_load - t_import, compile_and
 def make_checkpoint(preset: str, out: Path) -> Path:
     if (out / "config.json").exists():
         return out
-    import jax
     import numpy as np
     from flax import nnx
 
     from siglip2_jax.checkpoint import save_checkpoint
     from siglip2_jax.config import Siglip2Config
     from siglip2_jax.model import Siglip2
+    from siglip2_jax.model.build import params_of
 
     config = Siglip2Config.preset(preset)
     model = Siglip2(config, rngs=nnx.Rngs(0))
-    params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    params = {path: np.asarray(value) for path, value in params_of(model).items()}
     del model
     save_checkpoint(out, config, params, source=f"random {preset}")
     return out

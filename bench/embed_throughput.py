@@ -44,11 +44,12 @@ def build_model(directory: Path, layers: int | None) -> Path:
     from siglip2_jax.checkpoint import save_checkpoint
     from siglip2_jax.config import Siglip2Config
     from siglip2_jax.model import Siglip2
+    from siglip2_jax.model.build import params_of
 
     config = Siglip2Config.from_json(REPO / "configs" / "siglip2-base-patch16-224.json")
     vision = config.vision if layers is None else dataclasses.replace(config.vision, depth=layers)
     config = Siglip2Config(vision, None, name="random siglip2-base-patch16-224 image tower")
-    params = nnx.to_pure_dict(nnx.state(Siglip2(config, rngs=nnx.Rngs(0)), nnx.Param))
+    params = params_of(Siglip2(config, rngs=nnx.Rngs(0)))
     return save_checkpoint(directory, config, params, overwrite=True)
 
 
@@ -72,9 +73,9 @@ def model_only(pipeline, pixels: list[np.ndarray], batches: int) -> int:
     for i in range(batches):
         result = pipeline.embed_preprocessed(pixels[i % len(pixels)])
         if previous is not None:
-            np.asarray(previous)
+            previous.result()
         previous = result
-    np.asarray(previous)
+    previous.result()
     return batches * len(pixels[0])
 
 
@@ -171,7 +172,7 @@ def main() -> None:
         rng = np.random.default_rng(0)
         size = pipeline.config.vision.image_size
         pixels = [rng.uniform(-1, 1, (args.batch_size, size, size, 3)).astype(np.float32) for _ in range(2)]
-        np.asarray(pipeline.embed_preprocessed(pixels[0]))  # compile
+        pipeline.embed_preprocessed(pixels[0]).result()  # compile
         per_round = args.batches_per_round * args.batch_size
         for r in range(args.rounds):
             write_photos(tmp / f"photos{r}", per_round, seed=r)

@@ -209,8 +209,8 @@ def bench_variant(key: str, kinds: list[str], batches: list[int], runtimes: list
                 args, feed = torch_args(kind, x), onnx_feed(kind, x)
                 calls = {
                     # as bench/speed.py times it: host arrays in, embeddings on the device (padded batch) out
-                    "ours": lambda x=x: jax.block_until_ready(ours.embed_preprocessed(x, kind)),
-                    "ours-bf16": lambda x=x: jax.block_until_ready(ours_bf16.embed_preprocessed(x, kind)),
+                    "ours": lambda x=x: jax.block_until_ready(ours.embed_preprocessed(x, kind).device_array),
+                    "ours-bf16": lambda x=x: jax.block_until_ready(ours_bf16.embed_preprocessed(x, kind).device_array),
                     "eager": lambda a=args: towers["eager"](*a).numpy(),
                     "sdpa": lambda a=args: towers["sdpa"](*a).numpy(),
                     "compile": lambda a=args: compiled(*a).numpy(),

@@ -63,11 +63,12 @@ def random_checkpoint(preset: str, layers: int | None, out: Path, tokenizer: Pat
     from siglip2_jax.checkpoint import save_checkpoint
     from siglip2_jax.config import Siglip2Config
     from siglip2_jax.model import Siglip2
+    from siglip2_jax.model.build import params_of
 
     config = Siglip2Config.preset(preset)
     deep = (lambda tower: tower) if layers is None else (lambda tower: dataclasses.replace(tower, depth=layers))
     config = Siglip2Config(deep(config.vision), deep(config.text) if tokenizer else None, name=f"random {preset}")
-    params = nnx.to_pure_dict(nnx.state(Siglip2(config, rngs=nnx.Rngs(0)), nnx.Param))
+    params = params_of(Siglip2(config, rngs=nnx.Rngs(0)))
     path = save_checkpoint(out, config, params, overwrite=True)
     if tokenizer:
         shutil.copy(tokenizer, path / "tokenizer.model")

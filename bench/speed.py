@@ -128,7 +128,7 @@ def bench_variant(key: str, batches: list[int], reps: int, dtype: str, peak: flo
             ]:
                 flops = batch * model_flops(ours.config, kind, ours.config.vision.num_positions)
                 # the library's own path for ready inputs: host arrays in, embeddings on device out
-                ours_call = lambda p=ours, x=x, kind=kind: jax.block_until_ready(p.embed_preprocessed(x, kind))
+                ours_call = lambda p=ours, x=x, kind=kind: jax.block_until_ready(p.embed_preprocessed(x, kind).device_array)
                 calls = {"ours": ours_call, **{impl: torch_call(m) for impl, m in references.items()}}
                 for call in calls.values():   # warm up
                     call()

@@ -18,7 +18,7 @@ except metadata.PackageNotFoundError:  # a source tree that was never installed
 # public name -> the module that defines it
 _EXPORTS = {
     "DEFAULT_MODEL": "config", "Siglip2Config": "config", "TextConfig": "config", "VisionConfig": "config",
-    "PatchFeatures": "pipeline", "Siglip2Pipeline": "pipeline", "load": "pipeline",
+    "ModelSource": "model_source", "PatchFeatures": "pipeline", "Siglip2Pipeline": "pipeline", "load": "pipeline",
     "read_embeddings": "embed_store",
 }
 
@@ -27,6 +27,7 @@ __all__ = sorted(_EXPORTS) + ["__version__"]
 if TYPE_CHECKING:
     from .config import DEFAULT_MODEL, Siglip2Config, TextConfig, VisionConfig
     from .embed_store import read_embeddings
+    from .model_source import ModelSource
     from .pipeline import PatchFeatures, Siglip2Pipeline, load
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from . import defaults, distributed
-from .data import DecodeBatch, ImagePreprocessor, iterate, list_files, make_loader, read_lines, read_path_list
+from .data import DecodeBatch, iterate, list_files, make_loader, read_lines, read_path_list
 # the output format; re-exported: `siglip2_jax.embed.read_embeddings` etc. are where users import them from
 from .embed_store import (FORMAT, FORMAT_VERSION, EmbedError, done_mask, done_parts, fingerprint,  # noqa: F401
                           json_bytes, new_manifest, part_files, read_embeddings, read_index, read_manifest,
@@ -75,6 +75,7 @@ def embed(model, inputs: str | Path, out: str | Path, *, texts: bool = False, dt
     """
     import jax
 
+    from .model_source import ModelSource
     from .pipeline import Siglip2Pipeline, load
     from .sharding import make_mesh
 
@@ -89,23 +90,24 @@ def embed(model, inputs: str | Path, out: str | Path, *, texts: bool = False, dt
     kind = "text" if texts else "image"
     listing, items = _list_inputs(inputs, texts, out)
     pipeline = model if isinstance(model, Siglip2Pipeline) else None
-    if pipeline is not None and pipeline.assets_dir is None:
+    if pipeline is not None and pipeline.source is None:
         raise EmbedError("this pipeline was not loaded from a directory: pass the model's path instead")
-    model_source, model_dir, config = _resolve_model(pipeline.assets_dir if pipeline is not None else model)
+    source = pipeline.source if pipeline is not None else ModelSource(model)
+    config = source.config  # as stored (a pipeline's may be at another image_size)
     if (config.vision if kind == "image" else config.text) is None:
-        raise EmbedError(f"{model_source}: this checkpoint has no {kind} tower")
+        raise EmbedError(f"{source.source}: this checkpoint has no {kind} tower")
     if pipeline is not None:
         mesh = pipeline.mesh
     elif mesh is None:
         mesh = make_mesh(model_parallel, jax.local_devices())
-    preprocess = _preprocessor(kind, config, model_dir, max_num_patches, image_size, pipeline)
+    preprocess = _preprocessor(kind, source, max_num_patches, image_size, pipeline)
     budget = preprocess.max_num_patches if kind == "image" and config.naflex else None
     fixres_images = kind == "image" and not config.naflex
     # the FixRes input size when it is not the model's own (load(image_size=...)), else None
     size = preprocess.image_size if fixres_images and preprocess.image_size != config.vision.image_size else None
     options = {"dtype": dtype, "batch_size": batch_size, "part_size": part_size, "max_num_patches": budget,
                "model_parallel": int(mesh.shape["model"]) if mesh is not None else 1, "image_size": size}
-    manifest = new_manifest(kind, model_source, model_dir, inputs, listing, items, options, config.embed_dim)
+    manifest = new_manifest(kind, source.source, source.fingerprint, inputs, listing, items, options, config.embed_dim)
     _open(out, manifest)
 
     # Every process must deal the parts alike: all take process 0's view of which are done.
@@ -127,7 +129,7 @@ def embed(model, inputs: str | Path, out: str | Path, *, texts: bool = False, dt
                 # Load and place the weights while the workers start and decode the first batch.
                 with concurrent.futures.ThreadPoolExecutor(1) as pool:
                     first = pool.submit(next, batches)
-                    pipeline = load(model_source, mesh=mesh, max_num_patches=budget, image_size=size,
+                    pipeline = load(source, mesh=mesh, max_num_patches=budget, image_size=size,
                                     batch_size=batch_size)
                     batches = itertools.chain([first.result()], batches)
                     del first  # holds the first batch
@@ -175,23 +177,17 @@ def _plan_batches(parts: list[int], items: list[str], part_size: int, batch_size
     return plans
 
 
-def _preprocessor(kind: str, config, model_dir: Path, max_num_patches: int | None, image_size: int | None, pipeline):
+def _preprocessor(kind: str, source, max_num_patches: int | None, image_size: int | None, pipeline):
     """What the workers run on each input: settings and a tokenizer only, no weights. Images: the
-    pipeline's preprocessor, or the checkpoint's processor config (`ImagePreprocessor.from_dir`)."""
+    pipeline's preprocessor, or the model source's (its processor config)."""
     if kind == "image":
         if pipeline is not None:
             return pipeline.preprocessor
-        return ImagePreprocessor.from_dir(model_dir, config.vision, max_num_patches=max_num_patches,
-                                          image_size=image_size)
-    from .tokenizer import Tokenizer
-
-    try:
-        tokenizer = pipeline.tokenizer if pipeline is not None else Tokenizer.from_dir(model_dir)
-    except FileNotFoundError:
-        tokenizer = None
+        return source.preprocessor(max_num_patches=max_num_patches, image_size=image_size)
+    tokenizer = pipeline.tokenizer if pipeline is not None else source.tokenizer
     if tokenizer is None:
-        raise EmbedError(f"{model_dir}: no tokenizer (tokenizer.model or tokenizer.json) to read captions with")
-    return functools.partial(tokenizer.encode, max_length=config.text.max_length)
+        raise EmbedError(f"{source.directory}: no tokenizer (tokenizer.model or tokenizer.json) to read captions with")
+    return functools.partial(tokenizer.encode, max_length=source.config.text.max_length)
 
 
 def _embed_parts(pipeline, batches, manifest: dict, total: int, out: Path, progress: bool) -> None:
@@ -233,7 +229,7 @@ class _PartWriter:
     def add(self, batch: dict, result) -> None:
         kept = np.asarray(batch["kept"], np.int64)
         if len(kept):
-            self.embeddings.append(np.asarray(result)[: len(kept)].astype(self.dtype))
+            self.embeddings.append(result.result().astype(self.dtype))
             self.indices.extend(int(i) for i in kept)
         for index, source, reason in batch["refused"]:
             self.refused.append({"index": int(index), "path": source, "reason": reason})
@@ -300,17 +296,6 @@ def _read_text_input(path: Path, read) -> list[str]:
         raise EmbedError(f"{path}: not a UTF-8 text file (a folder, a list of paths, or --texts captions)") from None
     except OSError as error:
         raise EmbedError(f"{path}: cannot read ({error.strerror or error})") from None
-
-
-def _resolve_model(model: str | Path):
-    """(what to record as the source, its local directory, its config), reading no weights."""
-    from .checkpoint import resolve_source
-    from .config import Siglip2Config
-
-    directory = resolve_source(model)
-    local = Path(model).expanduser().exists()
-    config = Siglip2Config.from_json(directory / "config.json")
-    return (os.path.abspath(directory) if local else str(model)), directory, config
 
 
 # ------------------------------------------------------------------------------------------------ OUT

@@ -41,15 +41,15 @@ class EmbedError(ValueError):
     """A problem with the arguments, the model or OUT; the message is one line naming the culprit."""
 
 
-def new_manifest(kind: str, model_source: str, model_dir: str | Path, inputs: str | Path, listing: str,
+def new_manifest(kind: str, model_source: str, model_fingerprint: str, inputs: str | Path, listing: str,
                  items: list[str], options: dict, dim: int) -> dict:
     """The manifest of a job (without its "result"): kind "image" or "text"; the model as recorded
-    (`model_source`) and its files (`model_dir`, fingerprinted); INPUT as listed (`listing`: "folder",
+    (`model_source`) and the `fingerprint` of its files; INPUT as listed (`listing`: "folder",
     "list" or "texts"; `items`: the inputs in order); `options` (dtype, batch_size, part_size,
     max_num_patches, model_parallel, image_size); `dim`, the embedding width."""
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION, "kind": kind,
-        "model": {"source": model_source, "fingerprint": fingerprint(model_dir)},
+        "model": {"source": model_source, "fingerprint": model_fingerprint},
         "input": {"source": os.path.abspath(inputs), "listing": listing, "count": len(items),
                   "sha256": hashlib.sha256("\0".join(items).encode("utf-8", "surrogateescape")).hexdigest()},
         "options": options,

@@ -24,7 +24,13 @@ Array = jax.Array
 
 def pair_logits(image_embeds: Array, text_embeds: Array, logit_scale: Array, logit_bias: Array) -> Array:
     """(images, texts) logits of L2-normalized embeddings: exp(logit_scale) * cosine + logit_bias."""
-    return image_embeds @ text_embeds.T * jnp.exp(logit_scale) + logit_bias
+    return cosine_logits(image_embeds @ text_embeds.T, logit_scale, logit_bias)
+
+
+def cosine_logits(cosine: Array, logit_scale: Array, logit_bias: Array) -> Array:
+    """The logits of image-text pairs (any shape) from their cosine similarities; sigmoid gives the
+    probability that a pair matches."""
+    return cosine * jnp.exp(logit_scale) + logit_bias
 
 
 def _block_loss_sum(logits: Array, holds_positives: bool) -> Array:

@@ -17,12 +17,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .checkpoint import (is_checkpoint, iter_hf_params, read_checkpoint_config, resolve_source, restore_params,
-                         write_checkpoint)
-from .config import DEFAULT_MODEL, DEFAULT_TEMPLATE, ConfigError, Siglip2Config, check_template  # noqa: F401 (DEFAULT_MODEL: re-exported)
+from .checkpoint import write_checkpoint
+from .config import DEFAULT_MODEL, DEFAULT_TEMPLATE, Siglip2Config, check_template  # noqa: F401 (DEFAULT_MODEL: re-exported)
 from .images import ImagePreprocessor, NaFlexBatch
-from .model.build import flatten, model_from_params, nest, unstack_layers
-from .engine import BatchEngine
+from .losses import cosine_logits
+from .model.build import model_from_params, params_of
+from .model_source import ModelSource
+from .engine import BatchEngine, Pending
+from .params import Layout
 from .sharding import param_shardings
 
 
@@ -43,8 +45,11 @@ class PatchFeatures:
 
 class Siglip2Pipeline:
     def __init__(self, config: Siglip2Config, params: dict, *, tokenizer=None, dtype=jnp.float32, mesh=None,
-                 max_num_patches: int = 256, batch_size: int = 32, assets_dir: Path | None = None,
+                 max_num_patches: int = 256, batch_size: int = 32, source: ModelSource | None = None,
                  preprocessor: ImagePreprocessor | None = None):
+        """`params`: flat params (`siglip2_jax.params`) as `load` gives them: per layer, which runs faster
+        at inference than the stacked layout (see `model.layers.Encoder`); stacked ones run as a scan.
+        `source`: where they came from (`save` copies its tokenizer and processor files)."""
         # the one image preprocessor (default: hub SigLIP 2 settings); it decides the NaFlex budget
         if preprocessor is None and config.vision is not None:
             preprocessor = ImagePreprocessor.for_model(config.vision, max_num_patches=max_num_patches)
@@ -52,9 +57,8 @@ class Siglip2Pipeline:
             max_num_patches = preprocessor.max_num_patches
         self.preprocessor = preprocessor
         self.config, self.tokenizer, self.mesh = config, tokenizer, mesh
-        self.max_num_patches, self.batch_size, self.assets_dir = max_num_patches, batch_size, assets_dir
-        # one array per encoder layer: faster than the stacked (scan) layout at inference (see Encoder)
-        self.model = model_from_params(config, nest(unstack_layers(flatten(params))), dtype=dtype)
+        self.max_num_patches, self.batch_size, self.source = max_num_patches, batch_size, source
+        self.model = model_from_params(config, params, dtype=dtype)
         self._graphdef, self._state = nnx.split(self.model)
         graphdef = self._graphdef
 
@@ -75,6 +79,11 @@ class Siglip2Pipeline:
                 pad_rows.update(image=NaFlexBatch.pad_rows, image_tokens=NaFlexBatch.pad_rows)
         self.engine = BatchEngine({"image": jax.jit(image_embeds), "image_tokens": jax.jit(image_tokens),
                                    "text": jax.jit(text_embeds)}, self._state, tokens_per_row, mesh, pad_rows)
+
+    @property
+    def assets_dir(self) -> Path | None:
+        """The directory the model was loaded from (None for params given directly)."""
+        return self.source.directory if self.source is not None else None
 
     # ---- inputs -----------------------------------------------------------------------------------
     def preprocess(self, images) -> np.ndarray | NaFlexBatch:
@@ -105,12 +114,13 @@ class Siglip2Pipeline:
         self._require("text")
         return self.engine.map("text", self._chunks(np.asarray(token_ids, np.int32).reshape(-1, self.config.text.max_length)))
 
-    def embed_preprocessed(self, inputs, kind: str = "image") -> jax.Array:
-        """One batch that is already `preprocess`ed (kind="image") or `tokenize`d (kind="text") -> its
-        embeddings on device, padded to the compiled batch size and not waited for: the caller overlaps
-        the next batch's preparation with this one's compute, then takes `np.asarray(result)[:n]`."""
+    def embed_preprocessed(self, inputs, kind: str = "image") -> Pending:
+        """One batch of n inputs that is already `preprocess`ed (kind="image") or `tokenize`d (kind="text"),
+        dispatched and not waited for: the caller overlaps the next batch's preparation with this one's
+        compute, then calls `.result()` for its (n, D) float32 embeddings (the padding up to the compiled
+        batch size trimmed off)."""
         self._require("vision" if kind == "image" else "text")
-        return self.engine.dispatch(kind, inputs).device_array
+        return self.engine.dispatch(kind, inputs)
 
     def patch_features(self, images) -> PatchFeatures:
         """Dense per-patch features of each image, with each patch's (row, col)."""
@@ -138,10 +148,17 @@ class Siglip2Pipeline:
 
     # ---- answers ----------------------------------------------------------------------------------
     def logits(self, image_embeds: np.ndarray, text_embeds: np.ndarray) -> np.ndarray:
-        """(n_images, n_texts) logits of normalized embeddings: scale * cosine + bias."""
+        """(n_images, n_texts) float32 logits of L2-normalized (n, D) embeddings: exp(logit_scale) * cosine +
+        logit_bias (`losses.pair_logits`)."""
         self._require("vision"), self._require("text")
-        scale = float(np.exp(np.asarray(self.model.logit_scale[...])))
-        return np.asarray(image_embeds, np.float32) @ np.asarray(text_embeds, np.float32).T * scale + float(self.model.logit_bias[...])
+        return np.asarray(self.model.logits(jnp.asarray(image_embeds, jnp.float32), jnp.asarray(text_embeds, jnp.float32)))
+
+    def match_probability(self, cosine: np.ndarray) -> np.ndarray:
+        """Cosine similarities of image-text pairs (any shape) -> the model's probability that each pair
+        matches (float32, same shape): the sigmoid of its logit, as `zero_shot` computes it."""
+        self._require("vision"), self._require("text")
+        return sigmoid(np.asarray(cosine_logits(jnp.asarray(cosine, jnp.float32), self.model.logit_scale[...],
+                                                self.model.logit_bias[...])))
 
     def zero_shot(self, images, labels: Sequence[str], template: str = DEFAULT_TEMPLATE) -> np.ndarray:
         """(n_images, n_labels) probabilities, each an independent sigmoid: rows need not sum to 1."""
@@ -164,8 +181,8 @@ class Siglip2Pipeline:
 
     def save(self, directory: str | Path, overwrite: bool = False) -> Path:
         """A self-contained checkpoint directory (params, config, tokenizer and preprocessor files)."""
-        leaves = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(self.model, nnx.Param)))
-        path = write_checkpoint(directory, self.config, leaves, source=self.config.name,
+        params = {path: np.asarray(value) for path, value in params_of(self.model).items()}
+        path = write_checkpoint(directory, self.config, params, source=self.config.name,
                                 assets_from=self.assets_dir, overwrite=overwrite)
         if self.preprocessor is not None:
             self.preprocessor.save(path)  # this pipeline's settings (its image_size, its budget)
@@ -183,9 +200,10 @@ class Siglip2Pipeline:
         return (items[s:s + self.batch_size] for s in range(0, len(items), self.batch_size))
 
 
-def load(source: str | Path = DEFAULT_MODEL, *, dtype=jnp.float32, mesh=None, max_num_patches: int | None = None,
+def load(source: str | Path | ModelSource = DEFAULT_MODEL, *, dtype=jnp.float32, mesh=None, max_num_patches: int | None = None,
          image_size: int | None = None, batch_size: int = 32, tokenizer=None) -> Siglip2Pipeline:
-    """A siglip2-jax checkpoint dir, a local HF model dir, or a hub id (downloaded, converted in memory).
+    """A siglip2-jax checkpoint dir, a local HF model dir, or a hub id (downloaded, converted in memory),
+    or a `ModelSource` already resolved from one.
 
     dtype: compute dtype (float32 or bfloat16; patch/position embeddings and norms stay float32).
     mesh: a `jax.sharding.Mesh` with a "data" (and optionally "model") axis; default: one device.
@@ -197,48 +215,12 @@ def load(source: str | Path = DEFAULT_MODEL, *, dtype=jnp.float32, mesh=None, ma
     Images are preprocessed as the checkpoint's `preprocessor_config.json` says (`ImagePreprocessor`);
     a value that is not implemented raises ConfigError naming the field, before any weight is read.
     """
-    from .tokenizer import Tokenizer
-
-    path = Path(source).expanduser()
-    if is_checkpoint(path):
-        config, directory = read_checkpoint_config(path), path
-    else:
-        directory = resolve_source(source)
-        config, leaves = iter_hf_params(directory)
-    preprocessor = None
-    if config.vision is None and image_size is not None:
-        raise ConfigError(f"image_size={image_size}: {source} has no image tower")
-    if config.vision is not None:
-        preprocessor = ImagePreprocessor.from_dir(directory, config.vision, max_num_patches=max_num_patches,
-                                                  image_size=image_size)
-    if is_checkpoint(path):
-        shardings = param_shardings(config, mesh) if mesh is not None else None
-        params = unstack_layers(flatten(restore_params(path, config, shardings)))
-    else:
-        shardings = flatten(param_shardings(config, mesh)) if mesh is not None else {}
-        params = unstack_layers({p: jax.device_put(v, shardings.get(p)) if shardings else jnp.asarray(v) for p, v in leaves})
-        config = dataclasses.replace(config, name=str(source))
-    if image_size is not None:
-        config, params = _at_image_size(config, params, image_size, mesh)
-    if tokenizer is None and config.text is not None:
-        try:
-            tokenizer = Tokenizer.from_dir(directory)
-        except FileNotFoundError:
-            tokenizer = None
-    return Siglip2Pipeline(config, nest(params), tokenizer=tokenizer, dtype=dtype, mesh=mesh,
-                           batch_size=batch_size, assets_dir=directory, preprocessor=preprocessor)
-
-
-def _at_image_size(config: Siglip2Config, params: dict, image_size: int, mesh) -> tuple[Siglip2Config, dict]:
-    """A FixRes model's config and flat params for image_size x image_size inputs (its position table
-    resized by `interpolate_fixres_positions`)."""
-    from .model.vision import interpolate_fixres_positions
-
-    config = dataclasses.replace(config, vision=dataclasses.replace(config.vision, image_size=image_size))
-    key = "vision/embed/position"
-    table = interpolate_fixres_positions(params[key], config.vision.patch_size, image_size)
-    params[key] = jax.device_put(table, flatten(param_shardings(config, mesh))[key]) if mesh is not None else table
-    return config, params
+    model = source if isinstance(source, ModelSource) else ModelSource(source)
+    preprocessor = model.preprocessor(max_num_patches=max_num_patches, image_size=image_size)
+    shardings = param_shardings(model.config, mesh) if mesh is not None else None
+    params = model.params(Layout.PER_LAYER, shardings, image_size=image_size)
+    return Siglip2Pipeline(model.config_at(image_size), params, tokenizer=tokenizer if tokenizer is not None else model.tokenizer,
+                           dtype=dtype, mesh=mesh, batch_size=batch_size, source=model, preprocessor=preprocessor)
 
 
 def _as_list(images) -> list:

@@ -17,8 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .embed import _resolve_model
-from .embed_store import EmbedError, done_parts, fingerprint, part_files, read_index, read_manifest
+from .embed_store import EmbedError, done_parts, part_files, read_index, read_manifest
 
 DEFAULT_CHUNK_ROWS = 16384  # 24 MiB of float16 B/16 embeddings (+ its float32 copy) per step
 
@@ -52,10 +51,8 @@ def search(out: str | Path, query: str | None = None, *, image=None, top_k: int 
         index = indexes[part]
         hits.append(Hit(rank, index["paths"][row], float(score), index=int(index["indices"][row])))
     if query_kind != manifest["kind"] and hits:  # the logit scale and bias were fitted to image-text pairs
-        # logits(a, b) = a @ b.T * scale + bias, so with a = the scores and b = [[1]]: scale * score + bias
-        logits = pipeline.logits(scores[:, None], np.ones((1, 1), np.float32))[:, 0]
-        for hit, logit in zip(hits, logits):
-            hit.probability = float(1 / (1 + np.exp(-logit)))
+        for hit, probability in zip(hits, pipeline.match_probability(scores)):
+            hit.probability = float(probability)
     return hits
 
 
@@ -98,6 +95,7 @@ def _npy_layout(path: Path) -> tuple[int, tuple, np.dtype]:
 
 
 def _model_for(manifest: dict, model):
+    from .model_source import ModelSource
     from .pipeline import Siglip2Pipeline, load
 
     # An image query is preprocessed as OUT's images were: the same NaFlex budget and FixRes size.
@@ -113,7 +111,7 @@ def _model_for(manifest: dict, model):
                                      f"load the model with {name}={value}")
         return model
     given = model if model is not None else manifest["model"]["source"]
-    source, directory, _ = _resolve_model(given)
-    if fingerprint(directory) != manifest["model"]["fingerprint"]:
+    source = ModelSource(given)
+    if source.fingerprint != manifest["model"]["fingerprint"]:
         raise EmbedError(f"{given}: not the model this OUT was embedded with ({manifest['model']['source']})")
     return load(source, **settings)

@@ -13,7 +13,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from .config import Siglip2Config
-from .model.build import flat_param_axes, flat_param_shapes, nest
+from .model.build import flat_param_specs
 
 DEFAULT_RULES = {"layers": None, "embed": None, "proj": None, "mlp": "model", "heads": "model", "vocab": "model"}
 
@@ -37,11 +37,11 @@ def partition_spec(axes: tuple, shape: tuple, mesh: Mesh, rules=None) -> Partiti
     return PartitionSpec(*spec)
 
 
-def param_shardings(config: Siglip2Config, mesh: Mesh, rules=None) -> dict:
-    """Nested dict (the params tree's structure) of NamedShardings."""
-    axes, shapes = flat_param_axes(config), flat_param_shapes(config)
-    return nest({path: NamedSharding(mesh, partition_spec(axes[path], shapes[path].shape, mesh, rules))
-                 for path in shapes})
+def param_shardings(config: Siglip2Config, mesh: Mesh, rules=None) -> dict[str, NamedSharding]:
+    """{parameter path: NamedSharding}, flat and in the stacked layout (`siglip2_jax.params`); per-layer
+    params made by `to_layout` are placed like their stacked array minus its leading axis."""
+    return {path: NamedSharding(mesh, partition_spec(axes, shape, mesh, rules))
+            for path, (shape, axes) in flat_param_specs(config).items()}
 
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:

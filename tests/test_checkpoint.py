@@ -18,7 +18,8 @@ from safetensors.torch import save_file
 from siglip2_jax.checkpoint import (SourceError, WeightsError, convert, load_hf_params, read_checkpoint_config,
                                     restore_params)
 from siglip2_jax.config import ConfigError
-from siglip2_jax.model.build import flatten, model_from_params
+from siglip2_jax.model.build import model_from_params
+from siglip2_jax.params import flatten
 from siglip2_jax.sharding import make_mesh, param_shardings
 from reference import make_reference, preset_hf_config, save_reference, scaled_down
 
@@ -142,8 +143,8 @@ def test_restore_straight_into_a_mesh_sharding(hf_dir, tmp_path):
     shardings = param_shardings(config, mesh)
     sharded = restore_params(tmp_path / "ours", config, shardings)
     single = restore_params(tmp_path / "ours", config)
-    fc1 = sharded["vision"]["encoder"]["blocks"]["mlp"]["fc1_kernel"]
-    assert fc1.sharding == shardings["vision"]["encoder"]["blocks"]["mlp"]["fc1_kernel"]
+    fc1 = sharded["vision/encoder/blocks/mlp/fc1_kernel"]
+    assert fc1.sharding == shardings["vision/encoder/blocks/mlp/fc1_kernel"]
     assert fc1.sharding.spec == jax.sharding.PartitionSpec(None, None, "model")
     assert len(fc1.addressable_shards) == 8 and fc1.addressable_shards[0].data.shape[-1] == fc1.shape[-1] // 2
     for path, value in flatten(single).items():

@@ -15,7 +15,8 @@ from safetensors.numpy import load_file
 from conftest import cli, hf_dir_for
 from siglip2_jax.checkpoint import convert, export_hf, read_checkpoint_config, restore_params
 from siglip2_jax.images import preprocess_fixres, preprocess_naflex
-from siglip2_jax.model.build import flatten, model_from_params
+from siglip2_jax.model.build import model_from_params
+from siglip2_jax.params import flatten
 from siglip2_jax.tokenizer import Tokenizer
 
 EMBED_TOL, LOGIT_TOL = 2e-5, 1e-3

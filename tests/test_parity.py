@@ -13,7 +13,8 @@ import torch
 
 from siglip2_jax.config import preset_names
 from siglip2_jax.model import attention
-from siglip2_jax.model.build import flatten, model_from_params, nest, stack_layers, unstack_layers
+from siglip2_jax.model.build import model_from_params
+from siglip2_jax.params import Layout, to_layout
 from reference import convert_reference, make_reference, preset_hf_config, save_reference, scaled_down
 
 EMBED_TOL, LOGIT_TOL, TOKEN_TOL = 2e-5, 1e-3, 1e-4
@@ -91,11 +92,8 @@ def small_pair(tmp_path_factory):
 
 
 def _perturbed(params, path, index, delta):
-    params = jax.tree.map(lambda x: x, params)
-    node = params
-    for name in path[:-1]:
-        node = node[name]
-    node[path[-1]] = node[path[-1]].at[index].add(delta)
+    params, key = dict(params), "/".join(path)  # flat params (siglip2_jax.params)
+    params[key] = params[key].at[index].add(delta)
     return params
 
 
@@ -138,7 +136,7 @@ def test_both_attention_paths_match_transformers(small_pair, implementation, sta
     (inference, what `siglip2_jax.load` builds)."""
     config, params, pixels, ids, ref = small_pair
     if not stacked:
-        params = nest(unstack_layers(flatten(params)))
+        params = to_layout(dict(params), Layout.PER_LAYER)
     model = model_from_params(config, params, attention_impl=implementation)
     assert model.vision.encoder.stacked == stacked and model.text.encoder.stacked == stacked
     block = model.vision.encoder.blocks if stacked else model.vision.encoder.layers[0]
@@ -152,7 +150,7 @@ def test_grouped_attention_matches_transformers(small_pair, monkeypatch, bytes_p
     monkeypatch.setattr(attention, "LOGITS_BYTES_ONE_STEP", 0)
     monkeypatch.setattr(attention, "LOGITS_BYTES_PER_STEP", bytes_per_step)
     config, params, pixels, ids, ref = small_pair
-    model = model_from_params(config, nest(unstack_layers(flatten(params))), attention_impl="einsum")
+    model = model_from_params(config, to_layout(dict(params), Layout.PER_LAYER), attention_impl="einsum")
     jaxpr = str(jax.make_jaxpr(lambda x: model.encode_texts(x))(jnp.asarray(ids)))
     assert "while" in jaxpr or "scan" in jaxpr   # per-layer weights: only the grouping loops
     assert_parity(max_diffs(our_outputs(model, pixels, ids), ref))
@@ -168,12 +166,12 @@ def test_pairs_per_step():
 
 def test_layer_layouts_round_trip(small_pair):
     config, params, *_ = small_pair
-    flat = flatten(params)
-    per_layer = unstack_layers(dict(flat))
+    flat = dict(params)
+    per_layer = to_layout(dict(flat), Layout.PER_LAYER)
     depth = config.vision.depth
     assert "vision/encoder/layers/0/mlp/fc1_kernel" in per_layer and not any("/blocks/" in p for p in per_layer)
     assert per_layer[f"vision/encoder/layers/{depth - 1}/mlp/fc1_kernel"].shape == flat["vision/encoder/blocks/mlp/fc1_kernel"].shape[1:]
-    back = stack_layers(per_layer)
+    back = to_layout(dict(per_layer), Layout.STACKED)
     assert set(back) == set(flat)
     for path in flat:
         np.testing.assert_array_equal(np.asarray(back[path]), np.asarray(flat[path]))
@@ -184,7 +182,7 @@ def test_hidden_layers_are_the_blocks_asked_for(small_pair, stacked):
     """hidden_layers returns the outputs of the blocks asked for, in that order (negative: from the last),
     the same as the full stack's rows; none asked: None; a block that does not exist: ValueError."""
     config, params, pixels, *_ = small_pair
-    model = model_from_params(config, params if stacked else nest(unstack_layers(flatten(params))))
+    model = model_from_params(config, params if stacked else to_layout(dict(params), Layout.PER_LAYER))
     x, depth = jnp.asarray(pixels), config.vision.depth
     every = model.vision(x, hidden_layers=range(depth))
     some = model.vision(x, hidden_layers=[depth - 1, 0, -2])

@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw
 import siglip2_jax
 from siglip2_jax import cli
 from siglip2_jax.checkpoint import convert, read_checkpoint_config, restore_params
-from siglip2_jax.model.build import flatten
+from siglip2_jax.params import flatten
 from siglip2_jax.train import TrainConfig, Trainer, finetune, is_decayed, is_trainable
 from siglip2_jax.train_data import DataError, read_pairs
 from conftest import hf_dir_for, run_notebook

@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 
 from ..config import ConfigError, Siglip2Config
-from ..model.build import flat_param_shapes, flatten, nest
+from ..model.build import flat_param_shapes
 from .safetensors_reader import HFCheckpoint, WeightsError
 
 
@@ -88,41 +88,41 @@ def key_table(config: Siglip2Config, vision_prefix: str = "vision_model.", text_
     rules: list[Rule] = []
     v = config.vision
     if v is not None:
-        h, d = vision_prefix, v.width
+        prefix, width = vision_prefix, v.width
         if v.naflex:
-            patch = Rule("vision/embed/patch/kernel", (f"{h}embeddings.patch_embedding.weight",), (d, v.patch_dim), _linear)
+            patch = Rule("vision/embed/patch/kernel", (f"{prefix}embeddings.patch_embedding.weight",), (width, v.patch_dim), _linear)
         else:
-            patch = Rule("vision/embed/patch/kernel", (f"{h}embeddings.patch_embedding.weight",),
-                         (d, v.num_channels, v.patch_size, v.patch_size), _conv_as_linear)
-        head = f"{h}head."
+            patch = Rule("vision/embed/patch/kernel", (f"{prefix}embeddings.patch_embedding.weight",),
+                         (width, v.num_channels, v.patch_size, v.patch_size), _conv_as_linear)
+        head = f"{prefix}head."
         rules += [
             patch,
-            Rule("vision/embed/patch/bias", (f"{h}embeddings.patch_embedding.bias",), (d,)),
-            Rule("vision/embed/position", (f"{h}embeddings.position_embedding.weight",), (v.num_positions, d)),
-            *_encoder_rules("vision", h, d, v.mlp_dim, v.depth),
-            *_norm_rules("vision/post_norm", f"{h}post_layernorm", d),
-            Rule("vision/head/probe", (f"{head}probe",), (1, 1, d)),
+            Rule("vision/embed/patch/bias", (f"{prefix}embeddings.patch_embedding.bias",), (width,)),
+            Rule("vision/embed/position", (f"{prefix}embeddings.position_embedding.weight",), (v.num_positions, width)),
+            *_encoder_rules("vision", prefix, width, v.mlp_dim, v.depth),
+            *_norm_rules("vision/post_norm", f"{prefix}post_layernorm", width),
+            Rule("vision/head/probe", (f"{head}probe",), (1, 1, width)),
             # nn.MultiheadAttention packs [Wq; Wk; Wv] as rows of one (3D, D) matrix
-            Rule("vision/head/attn/qkv_kernel", (f"{head}attention.in_proj_weight",), (3 * d, d), _linear),
-            Rule("vision/head/attn/qkv_bias", (f"{head}attention.in_proj_bias",), (3 * d,)),
-            Rule("vision/head/attn/out_kernel", (f"{head}attention.out_proj.weight",), (d, d), _linear),
-            Rule("vision/head/attn/out_bias", (f"{head}attention.out_proj.bias",), (d,)),
-            *_norm_rules("vision/head/norm", f"{head}layernorm", d),
-            Rule("vision/head/mlp/fc1_kernel", (f"{head}mlp.fc1.weight",), (v.mlp_dim, d), _linear),
+            Rule("vision/head/attn/qkv_kernel", (f"{head}attention.in_proj_weight",), (3 * width, width), _linear),
+            Rule("vision/head/attn/qkv_bias", (f"{head}attention.in_proj_bias",), (3 * width,)),
+            Rule("vision/head/attn/out_kernel", (f"{head}attention.out_proj.weight",), (width, width), _linear),
+            Rule("vision/head/attn/out_bias", (f"{head}attention.out_proj.bias",), (width,)),
+            *_norm_rules("vision/head/norm", f"{head}layernorm", width),
+            Rule("vision/head/mlp/fc1_kernel", (f"{head}mlp.fc1.weight",), (v.mlp_dim, width), _linear),
             Rule("vision/head/mlp/fc1_bias", (f"{head}mlp.fc1.bias",), (v.mlp_dim,)),
-            Rule("vision/head/mlp/fc2_kernel", (f"{head}mlp.fc2.weight",), (d, v.mlp_dim), _linear),
-            Rule("vision/head/mlp/fc2_bias", (f"{head}mlp.fc2.bias",), (d,)),
+            Rule("vision/head/mlp/fc2_kernel", (f"{head}mlp.fc2.weight",), (width, v.mlp_dim), _linear),
+            Rule("vision/head/mlp/fc2_bias", (f"{head}mlp.fc2.bias",), (width,)),
         ]
     t = config.text
     if t is not None:
-        h, d = text_prefix, t.width
+        prefix, width = text_prefix, t.width
         rules += [
-            Rule("text/token_embed", (f"{h}embeddings.token_embedding.weight",), (t.vocab_size, d)),
-            Rule("text/position", (f"{h}embeddings.position_embedding.weight",), (t.max_length, d)),
-            *_encoder_rules("text", h, d, t.mlp_dim, t.depth),
-            *_norm_rules("text/final_norm", f"{h}final_layer_norm", d),
-            Rule("text/head_kernel", (f"{h}head.weight",), (t.projection_size, d), _linear),
-            Rule("text/head_bias", (f"{h}head.bias",), (t.projection_size,)),
+            Rule("text/token_embed", (f"{prefix}embeddings.token_embedding.weight",), (t.vocab_size, width)),
+            Rule("text/position", (f"{prefix}embeddings.position_embedding.weight",), (t.max_length, width)),
+            *_encoder_rules("text", prefix, width, t.mlp_dim, t.depth),
+            *_norm_rules("text/final_norm", f"{prefix}final_layer_norm", width),
+            Rule("text/head_kernel", (f"{prefix}head.weight",), (t.projection_size, width), _linear),
+            Rule("text/head_bias", (f"{prefix}head.bias",), (t.projection_size,)),
         ]
     if v is not None and t is not None:
         rules += [Rule("logit_scale", ("logit_scale",), (1,)), Rule("logit_bias", ("logit_bias",), (1,))]
@@ -160,9 +160,9 @@ def _detect_prefixes(config: Siglip2Config, keys: set[str]) -> tuple[str, str]:
 
 def load_hf_params(directory: str | Path, config: Siglip2Config | None = None, *, param_dtype=np.float32,
                    progress: bool = False) -> tuple[Siglip2Config, dict]:
-    """Read a HF model dir into (config, nested params dict of numpy arrays)."""
+    """Read a HF model dir into (config, flat params of numpy arrays, stacked layout)."""
     config, leaves = iter_hf_params(directory, config, param_dtype=param_dtype, progress=progress)
-    return config, nest(dict(leaves))
+    return config, dict(leaves)
 
 
 def iter_hf_params(directory: str | Path, config: Siglip2Config | None = None, *, param_dtype=np.float32,
@@ -227,12 +227,11 @@ def iter_checkpoint_params(checkpoint, config: Siglip2Config, prefixes=("vision_
 # ---- our params -> HF tensors (export) -------------------------------------------------------------
 def iter_hf_tensors(config: Siglip2Config, params: dict, rules: list[Rule] | None = None):
     """(HF key, numpy array in HF layout) for every tensor of a full HF checkpoint (or of `rules`, a part
-    of `key_table(config)`), made from our params (nested or flat dict; encoder layers stacked) by running
-    the table backwards: the result is bit-identical to the tensors the params were converted from. One
-    tensor at a time, so a caller can write each away; views where the layout allows."""
-    flat = flatten(params) if any(isinstance(v, dict) for v in params.values()) else params
+    of `key_table(config)`), made from our flat params (stacked layout) by running the table backwards:
+    the result is bit-identical to the tensors the params were converted from. One tensor at a time, so a
+    caller can write each away; views where the layout allows."""
     for rule in rules if rules is not None else key_table(config):
-        value = np.asarray(flat[rule.ours])
+        value = np.asarray(params[rule.ours])
         for i, keys in enumerate(hf_keys(rule)):
             tensors = _INVERSE[rule.convert](value[i] if rule.layers else value, rule.hf_shape, len(keys))
             yield from zip(keys, tensors)

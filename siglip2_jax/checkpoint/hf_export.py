@@ -24,7 +24,7 @@ import numpy as np
 from ..config import ConfigError
 from .big_vision import hf_assets
 from .hf import hf_keys, iter_hf_tensors, key_table
-from .orbax_io import ASSET_FILES, group_of, read_checkpoint_config, restore_params, stored_dtypes
+from .orbax_io import ASSET_FILES, orbax_item_of, read_checkpoint_config, restore_params, stored_dtypes
 
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 _SAFETENSORS_DTYPES = {np.dtype(np.float32): "F32", np.dtype(ml_dtypes.bfloat16): "BF16", np.dtype(np.float16): "F16"}
@@ -63,11 +63,11 @@ def export_hf(checkpoint_dir: str | Path, out_dir: str | Path, *, max_shard_size
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
-        # item by item (see orbax_io.group_of): only one item's params are in memory at a time
+        # item by item (see orbax_io.orbax_item_of): only one item's params are in memory at a time
         dtypes = stored_dtypes(checkpoint_dir)
         by_group: dict[str, list] = {}
         for rule in key_table(config):
-            by_group.setdefault(group_of(rule.ours), []).append(rule)
+            by_group.setdefault(orbax_item_of(rule.ours), []).append(rule)
         entries = [(key, rule.hf_shape, dtypes[rule.ours]) for rules in by_group.values() for rule in rules
                    for keys in hf_keys(rule) for key in keys]
 

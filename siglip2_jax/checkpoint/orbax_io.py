@@ -1,7 +1,7 @@
 """Our checkpoint directory: self-contained, so loading it never needs the network.
 
     OUT/config.json        the model config in HF layout, plus a "siglip2_jax" block (format, source, dtype)
-    OUT/params/GROUP/      the params tree, as a few Orbax items (see `group_of`)
+    OUT/params/ITEM/       the params (stacked layout), as a few Orbax items (see `orbax_item_of`)
     OUT/tokenizer.model, tokenizer.json, preprocessor_config.json, ...   copied from the source, when present
 
 The directory is written under a temporary name and renamed into place when complete, so an interrupted
@@ -21,7 +21,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from ..config import ConfigError, Siglip2Config
-from ..model.build import flat_param_shapes, flatten, nest, stack_layers
+from ..model.build import flat_param_shapes
+from ..params import Layout, flatten, nest, to_layout
 
 FORMAT_VERSION = 1
 ASSET_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -33,10 +34,11 @@ def is_checkpoint(directory: str | Path) -> bool:
     return (directory / "params").is_dir() and (directory / "config.json").is_file()
 
 
-def group_of(path: str) -> str:
+def orbax_item_of(path: str) -> str:
     """Params are stored as a few Orbax items (vision.encoder.mlp, text.token_embed, ...), each written
     as soon as it is complete: conversion holds at most about one item's worth of extra copies (the
-    largest is ~1.2 GB, So400m's vocabulary), and a job that needs one tower restores only its items."""
+    largest is ~1.2 GB, So400m's vocabulary), and a job that needs one tower restores only its items.
+    An item is a nested tree (what Orbax stores): flat params are nested only here."""
     parts = path.split("/")
     if len(parts) > 3 and parts[1] == "encoder":        # vision/encoder/blocks/mlp/fc1_kernel
         return f"{parts[0]}.encoder.{parts[3]}"
@@ -61,7 +63,7 @@ class CheckpointWriter:
         (self.staging / "params").mkdir(parents=True)
         self.pending: dict[str, set[str]] = {}
         for path in flat_param_shapes(config):
-            self.pending.setdefault(group_of(path), set()).add(path)
+            self.pending.setdefault(orbax_item_of(path), set()).add(path)
         self.buffers: dict[str, dict] = {}
         self.dtypes: set[str] = set()
         # jax arrays rather than numpy, and no compression (weights barely compress): Orbax then makes
@@ -74,7 +76,7 @@ class CheckpointWriter:
                                              multiprocessing_options=alone)
 
     def add(self, path: str, value) -> None:
-        group = group_of(path)
+        group = orbax_item_of(path)
         if path not in self.pending.get(group, ()):
             raise ValueError(f"{path} is not a parameter of this config, or was added twice")
         self.pending[group].remove(path)
@@ -112,11 +114,13 @@ class CheckpointWriter:
         shutil.rmtree(self.staging, ignore_errors=True)
 
 
-def write_checkpoint(out_dir: str | Path, config: Siglip2Config, leaves, **kwargs) -> Path:
-    """`leaves`: (path, array) pairs, or a nested dict of arrays (encoder layers stacked or per layer)."""
+def write_checkpoint(out_dir: str | Path, config: Siglip2Config, params, **kwargs) -> Path:
+    """`params`: flat params (a dict, in either layout: written stacked), or an iterator of (path, array)
+    pairs in the stacked layout, which a converter fills one parameter at a time. Raises ValueError for
+    a path that is not a parameter of `config`, or one missing."""
     writer = CheckpointWriter(out_dir, config, **kwargs)
     try:
-        for path, value in (stack_layers(flatten(leaves)).items() if isinstance(leaves, dict) else leaves):
+        for path, value in (to_layout(dict(params), Layout.STACKED).items() if isinstance(params, dict) else params):
             writer.add(path, value)
         return writer.finish()
     finally:
@@ -125,7 +129,7 @@ def write_checkpoint(out_dir: str | Path, config: Siglip2Config, leaves, **kwarg
 
 def save_checkpoint(out_dir: str | Path, config: Siglip2Config, params: dict, *, source: str = "",
                     assets_from: str | Path | None = None, overwrite: bool = False) -> Path:
-    """Write params (nested dict of numpy or jax arrays) and everything needed to use them."""
+    """Write flat params (numpy or jax arrays, either layout) and everything needed to use them."""
     return write_checkpoint(out_dir, config, params, source=source, assets_from=assets_from, overwrite=overwrite)
 
 
@@ -134,20 +138,22 @@ def read_checkpoint_config(directory: str | Path) -> Siglip2Config:
 
 
 def restore_params(directory: str | Path, config: Siglip2Config | None = None, shardings: dict | None = None,
-                   groups: set[str] | None = None) -> dict:
-    """Params as jax arrays placed straight onto `shardings` (nested dict of `jax.sharding.Sharding`;
-    default: the first device), each device reading only its own shards. `groups`: only the params of
-    these items (see `group_of`), for a job that streams a checkpoint item by item."""
+                   groups: set[str] | None = None, layout: Layout = Layout.STACKED) -> dict:
+    """Flat params in `layout`, as jax arrays placed straight onto `shardings` ({path: `Sharding`}, the
+    stacked layout's, as `param_shardings` gives; default: the first device), each device reading only
+    its own shards. `groups`: only the params of these items (see `orbax_item_of`), for a job that streams
+    a checkpoint item by item. Raises ConfigError for a directory that is not a checkpoint or whose
+    params do not match config.json."""
     directory = Path(directory).absolute()  # Orbax resolves relative paths wrongly
     if not is_checkpoint(directory):
         raise ConfigError(f"{directory}: not a siglip2-jax checkpoint (no params/ and config.json)")
     config = config if config is not None else read_checkpoint_config(directory)
     expected = flat_param_shapes(config)
-    flat_shardings = flatten(shardings) if shardings is not None else {}
+    shardings = shardings or {}
     checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
     only, groups = groups, {}
     for path in expected:
-        groups.setdefault(group_of(path), []).append(path)
+        groups.setdefault(orbax_item_of(path), []).append(path)
     # Orbax holds a second copy of an item while reading it: the biggest items first keep that copy on
     # top of little else, so the peak stays near the size of the params.
     order = sorted(groups, key=lambda g: -sum(np.prod(expected[p].shape) for p in groups[g]))
@@ -165,13 +171,13 @@ def restore_params(directory: str | Path, config: Siglip2Config | None = None, s
         for path, meta in stored.items():
             if tuple(meta.shape) != tuple(expected[path].shape):
                 raise ConfigError(f"{item}: {path} has shape {tuple(meta.shape)}, config.json implies {expected[path].shape}")
-            sharding = flat_shardings.get(path)
+            sharding = shardings.get(path)
             args[path] = (ocp.ArrayRestoreArgs(sharding=sharding, global_shape=tuple(meta.shape), dtype=meta.dtype)
                           if sharding is not None else ocp.RestoreArgs(restore_type=np.ndarray, dtype=meta.dtype))
         values = flatten(checkpointer.restore(item, ocp.args.PyTreeRestore(restore_args=nest(args))))
         # host arrays (no sharding asked for) go to the default device; on CPU that is not even a copy
-        restored.update({p: v if flat_shardings.get(p) is not None else jax.device_put(v) for p, v in values.items()})
-    return nest(restored)
+        restored.update({p: v if shardings.get(p) is not None else jax.device_put(v) for p, v in values.items()})
+    return to_layout(restored, layout)
 
 
 def stored_dtypes(directory: str | Path) -> dict[str, np.dtype]:

@@ -20,7 +20,7 @@ import orbax.checkpoint as ocp
 from .. import defaults
 from ..sharding import make_mesh
 from .config import TrainConfig, flag_name
-from .trainer import Trainer
+from .trainer import FSDP_RULES, Trainer
 
 
 # ---- training checkpoints ---------------------------------------------------------------------------
@@ -135,9 +135,9 @@ class _Run:
         self.clock = {}
 
     def prepare(self) -> None:
-        from flax import nnx
-
-        from ..pipeline import load
+        from ..model_source import ModelSource
+        from ..params import Layout
+        from ..sharding import param_shardings
         from ..train_data import PairTransform, check_batch_size, read_pairs, split_holdout
 
         settings = self.settings
@@ -154,14 +154,16 @@ class _Run:
         check_batch_size(len(self.pairs), settings.batch_size)
         _check_same_run(self.out, settings)
 
-        pipeline = load(settings.model, mesh=mesh, max_num_patches=settings.max_num_patches,
-                        image_size=settings.image_size or None)
-        if pipeline.tokenizer is None:
+        source, image_size = ModelSource(settings.model), settings.image_size or None
+        images = source.preprocessor(max_num_patches=settings.max_num_patches, image_size=image_size)
+        if source.tokenizer is None:
             raise ValueError(f"{settings.model}: has no tokenizer (tokenizer.model or tokenizer.json)")
-        self.config, self.assets_dir = pipeline.config, pipeline.assets_dir
-        self.transform = PairTransform.for_model(pipeline)
-        self.trainer = Trainer(self.config, nnx.to_pure_dict(nnx.state(pipeline.model, nnx.Param)), settings, mesh)
-        del pipeline  # its copy of the weights is no longer needed
+        self.config, self.assets_dir = source.config_at(image_size), source.directory
+        self.transform = PairTransform(images, source.tokenizer, self.config.text.max_length)
+        # stacked, as training scans them, and placed as the trainer shards them: no inference model
+        shardings = param_shardings(source.config, mesh, FSDP_RULES if settings.fsdp else None)
+        self.trainer = Trainer(self.config, source.params(Layout.STACKED, shardings, image_size=image_size), settings,
+                               mesh)
 
     def resume(self) -> None:
         from ..train_data import SkippedImages, pair_loader

@@ -22,7 +22,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from .. import defaults
 from ..config import Siglip2Config
 from ..losses import ring_sigmoid_loss, sigmoid_loss
-from ..model.build import flat_param_shapes, flatten, model_from_params, nest, stack_layers
+from ..model.build import flat_param_shapes, model_from_params
+from ..params import Layout, flatten, nest, to_layout
 from ..sharding import DEFAULT_RULES, batch_sharding, make_mesh, param_shardings
 from .config import TrainConfig
 
@@ -103,9 +104,11 @@ class _Compiled:
 def _compile(config: Siglip2Config, settings: TrainConfig, mesh: Mesh) -> _Compiled:
     """The jit-compiled functions of one model, one set of optimizer settings, one mesh."""
     optimizer, dtype = make_optimizer(settings), compute_dtype(settings.dtype)
-    shardings = flatten(param_shardings(config, mesh, FSDP_RULES if settings.fsdp else None))
+    shardings = param_shardings(config, mesh, FSDP_RULES if settings.fsdp else None)
     replicated = NamedSharding(mesh, PartitionSpec())
     shapes = flat_param_shapes(config)
+    # the trainable part and the optimizer state are nested trees: they are what training checkpoints
+    # (Orbax) hold, in the layout those were written with
     trainable = nest({p: shapes[p] for p in shapes if is_trainable(p, settings.freeze)})
 
     def sharding_of(path, leaf):  # optimizer moments live where their parameter lives; counters replicated
@@ -116,7 +119,7 @@ def _compile(config: Siglip2Config, settings: TrainConfig, mesh: Mesh) -> _Compi
     trainable_shardings = nest({p: shardings[p] for p in flatten(trainable)})
 
     def model(trainable, frozen):
-        return model_from_params(config, nest({**flatten(trainable), **flatten(frozen)}), dtype=dtype)
+        return model_from_params(config, {**flatten(trainable), **flatten(frozen)}, dtype=dtype)
 
     def step(trainable, opt_state, frozen, batch):
         loss, grads = jax.value_and_grad(lambda t: batch_loss(model(t, frozen), batch, mesh))(trainable)
@@ -141,8 +144,8 @@ class Trainer:
     """The parameters (trainable and frozen parts), the optimizer state and the compiled step, on a mesh.
 
     `trainer.train_step(batch)` runs one step on a host batch (numpy, this process's rows) and returns
-    its metrics as device scalars; `trainer.params()` is the whole current params tree. The trainer
-    works on float32 copies of `params`.
+    its metrics as device scalars; `trainer.params()` is the whole current params (flat, stacked). The
+    trainer works on float32 copies of `params` (flat params, either layout: `siglip2_jax.params`).
     """
 
     def __init__(self, config: Siglip2Config, params: dict, settings: TrainConfig, mesh: Mesh | None = None):
@@ -154,7 +157,7 @@ class Trainer:
         in_step = dataclasses.replace(settings, **{k: defaults[k] for k in NOT_IN_STEP})
         self._compiled = _compile(config, in_step, self.mesh)
         self.schedule = learning_rate_schedule(settings)
-        flat = self._compiled.place(stack_layers(flatten(params)))  # training scans stacked layers
+        flat = self._compiled.place(to_layout(dict(params), Layout.STACKED))  # training scans stacked layers
         trainable = {p: v for p, v in flat.items() if is_trainable(p, settings.freeze)}
         self.trainable, self.frozen = nest(trainable), nest({p: v for p, v in flat.items() if p not in trainable})
         self.opt_state = self._compiled.init(self.trainable)
@@ -181,7 +184,8 @@ class Trainer:
         return float(self.schedule(self.step if step is None else step))
 
     def params(self) -> dict:
-        return nest({**flatten(self.trainable), **flatten(self.frozen)})
+        """The current flat params (`siglip2_jax.params`), stacked, on the mesh."""
+        return {**flatten(self.trainable), **flatten(self.frozen)}
 
     def abstract_state(self) -> dict:
         """What a training checkpoint holds, as shapes and shardings (the restore target)."""
