@@ -122,12 +122,6 @@ class PairTransform:
     tokenizer: object
     max_length: int = 64
 
-    @classmethod
-    def for_model(cls, pipeline) -> "PairTransform":
-        """The preprocessing of a loaded `Siglip2Pipeline`: its `preprocessor` (the checkpoint's processor
-        config, budget and image size) and its tokenizer."""
-        return cls(pipeline.preprocessor, pipeline.tokenizer, pipeline.config.text.max_length)
-
     def __call__(self, pair: Pair) -> dict:
         return dict(images=self.images.one(pair.image),
                     token_ids=self.tokenizer.encode([pair.caption], self.max_length)[0])

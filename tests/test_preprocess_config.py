@@ -188,7 +188,6 @@ def test_load_embed_and_finetune_use_the_processor_config(fixres, tmp_path):
     import torch
 
     from siglip2_jax.embed import _preprocessor
-    from siglip2_jax.train_data import PairTransform
 
     hf_dir = tmp_path / "hf"
     shutil.copytree(fixres[0], hf_dir)
@@ -198,9 +197,9 @@ def test_load_embed_and_finetune_use_the_processor_config(fixres, tmp_path):
     reference_pixels = _reference(hf_dir, images, naflex=False)["pixel_values"]
     pipeline = siglip2_jax.load(hf_dir)
     assert np.array_equal(pipeline.preprocess(images), reference_pixels.transpose(0, 2, 3, 1))
-    config = pipeline.config
-    from_embed = _preprocessor("image", config, hf_dir, None, None, None)
-    assert from_embed == pipeline.preprocessor == PairTransform.for_model(pipeline).images
+    source = siglip2_jax.ModelSource(hf_dir)   # what embed's workers and finetune's transform take theirs from
+    from_embed = _preprocessor("image", source, None, None, None)
+    assert from_embed == pipeline.preprocessor == source.preprocessor()
     with torch.no_grad():
         model = transformers.AutoModel.from_pretrained(hf_dir).eval()
         expected = model.get_image_features(pixel_values=torch.from_numpy(reference_pixels)).pooler_output.numpy()

@@ -153,8 +153,8 @@ class Encoder(nnx.Module):
     and run with `lax.scan`, one compiled block instead of `depth` copies (compile time stays flat).
     stacked=False (inference): one block per layer. Inside a compiled scan each layer's slice of the
     stacked weights is copied out on every call, which at small batches costs 15-30% of the encoder;
-    separate arrays are read in place. `siglip2_jax.model.build.unstack_layers` / `stack_layers` convert
-    params between the two.
+    separate arrays are read in place. `siglip2_jax.params.to_layout` converts params between the two
+    (`Layout.STACKED` / `Layout.PER_LAYER`).
     """
 
     def __init__(self, depth: int, *, rngs: nnx.Rngs, stacked: bool = True, **block_kwargs):
