@@ -71,26 +71,20 @@ class BatchEngine:
         per_shard = -(-n // self.data_parallel)
         return self.data_parallel * (1 << max(per_shard - 1, 0).bit_length())
 
-    def rows_per_call(self, kind: str) -> int:
-        """Rows one compiled call takes: the whole bucket on accelerators; on CPU at most
-        `defaults.tokens_per_call()` tokens per device, rounded down to a power of two."""
-        tokens = defaults.tokens_per_call()
-        if tokens is None:
-            return 1 << 62
-        per_device = max(1, tokens // self.tokens_per_row[kind])
-        return self.data_parallel * (1 << (per_device.bit_length() - 1))
-
     def call_sizes(self, kind: str, n: int) -> list[int]:
         """The compiled sizes of the calls that run n rows, in order.
 
-        Accelerators: one call, n padded up to its bucket. CPU: calls of `rows_per_call` rows, and the
-        rest as a sum of smaller buckets (largest first): 17 rows at 8 per call run as 8 + 8 + 1, not as
-        a bucket of 32 holding 15 rows of padding. A CPU computes padding rows at full cost, and an
+        Accelerators: one call, n padded up to its bucket. CPU: full calls of at most
+        `defaults.tokens_per_call()` tokens per device (a power of two of rows per device), and the rest as
+        a sum of smaller buckets (largest first): 17 rows at 8 per call run as 8 + 8 + 1, not as a bucket
+        of 32 holding 15 rows of padding. A CPU computes padding rows at full cost, and an
         embedding does not depend on the rows beside it (`model.layers.in_row_blocks`), so this changes
         no result. Only the last call can hold padding, and then fewer rows than the data-parallel size."""
-        if defaults.tokens_per_call() is None:
+        tokens = defaults.tokens_per_call()
+        if tokens is None:
             return [self.bucket(n)]
-        rows = self.rows_per_call(kind)
+        per_device = max(1, tokens // self.tokens_per_row[kind])
+        rows = self.data_parallel * (1 << (per_device.bit_length() - 1))
         sizes, left, unit = [], n, self.data_parallel
         while left > 0:
             size = min(rows, unit * (1 << ((max(left // unit, 1)).bit_length() - 1)))
