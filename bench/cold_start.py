@@ -74,6 +74,8 @@ def main(argv=None):
     parser.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "siglip2-bench"),
                         help="where the random checkpoint is kept between runs")
     args = parser.parse_args(argv)
+    from machine import describe
+    print(describe(), flush=True)
     checkpoint = make_checkpoint(args.preset, Path(args.work) / args.preset)
     cache = Path(tempfile.mkdtemp(prefix="xla-cache-"))
     try:

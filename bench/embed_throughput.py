@@ -166,6 +166,8 @@ def main() -> None:
         pipeline = siglip2_jax.load(model_dir, mesh=make_mesh(1), batch_size=args.batch_size)
         devices = jax.local_devices()
         depth = pipeline.config.vision.depth
+        from machine import describe
+        print(describe(), flush=True)
         print(f"model: B/16@224 image tower, {depth} layers{' (full size)' if args.layers is None else ''}, "
               f"random weights; {len(devices)} x {devices[0].device_kind}; {os.cpu_count()} CPU cores")
         # Alternate short rounds of the two, so that the load of a shared machine weighs on both alike.

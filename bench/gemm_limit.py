@@ -244,6 +244,8 @@ def main(argv=None):
             except ImportError:
                 parser.error(f"--libraries {library} needs {module}: pip install -e '.[bench]'")
     shapes = [s for key in dict.fromkeys(args.variants) for s in model_shapes(key, args.batch, args.tokens)]
+    from machine import describe
+    print(describe(), flush=True)
     print(f"{platform.processor() or platform.machine()}, {CORES} cores; fp32 GFLOP/s, best of {args.reps} "
           f"(batch {args.batch}{f', M = {args.tokens}' if args.tokens else ''})", flush=True)
     rows = measure(shapes, args.libraries, args.reps)

@@ -21,6 +21,8 @@ from siglip2_jax.config import Siglip2Config
 from siglip2_jax.images import NaFlexBatch
 from siglip2_jax.model import Siglip2
 
+from machine import describe
+
 
 def image_encoder(preset: str, batch: int):
     config = Siglip2Config.preset(preset)
@@ -46,6 +48,7 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--reps", type=int, default=7)
     args = parser.parse_args(argv)
+    print(describe(), flush=True)
     runs = {"FixRes B/16@256": image_encoder("siglip2-base-patch16-256", args.batch),
             "NaFlex B/16 (256 patches)": image_encoder("siglip2-base-patch16-naflex", args.batch)}
     for run in runs.values():

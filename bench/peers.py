@@ -51,7 +51,8 @@ import transformers
 
 import siglip2_jax
 from siglip2_jax.images import NaFlexBatch
-from speed import VARIANTS, inputs, matmul_peak_gflops, model_flops, reference_model
+from machine import describe, matmul_peak_gflops
+from speed import VARIANTS, inputs, model_flops, reference_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.reference import trained_size_  # noqa: E402
@@ -304,6 +305,7 @@ def main(argv=None):
         except (OSError, ValueError, KeyError, TypeError) as error:
             parser.error(f"--limit {args.limit}: not a bench/gemm_limit.py --json file ({first_line(error)})")
     torch.set_num_threads(CORES)
+    print(describe(), flush=True)
     peak = matmul_peak_gflops()
     versions = [f"jax {jax.__version__}", f"torch {torch.__version__}", f"transformers {transformers.__version__}"]
     for name in ("onnxruntime", "openvino"):

@@ -203,6 +203,8 @@ def main(argv=None) -> None:
         tokenizer = args.tokenizer if args.infinity else None
         model = args.model or random_checkpoint(args.preset, args.layers, Path(tmp) / "ckpt", tokenizer)
         pipeline = siglip2_jax.load(model, batch_size=args.max_batch_size)
+        from machine import describe
+        print(describe(), flush=True)
         print(f"# {jax.devices()[0].device_kind} x{jax.device_count()}, {platform.processor() or platform.machine()}, "
               f"{os.cpu_count()} cores; model {model if args.model else args.preset + ' random'}"
               f"{f' ({args.layers} layers)' if args.layers else ''}; max batch {args.max_batch_size}, "

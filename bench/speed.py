@@ -33,20 +33,10 @@ import siglip2_jax
 from siglip2_jax.config import PRESETS_DIR
 from siglip2_jax.images import NaFlexBatch
 
+from machine import describe, matmul_peak_gflops
+
 VARIANTS = {"b16-224": "siglip2-base-patch16-224", "so400m14-384": "siglip2-so400m-patch14-384",
             "naflex-b16-256": "siglip2-base-patch16-naflex", "b16-256": "siglip2-base-patch16-256"}
-
-
-def matmul_peak_gflops(dtype=jnp.float32, n=2048, reps=10) -> float:
-    a = jnp.ones((n, n), dtype)
-    f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        f(a).block_until_ready()
-        times.append(time.perf_counter() - t)
-    return 2 * n ** 3 / min(times) / 1e9
 
 
 def encoder_flops(tokens: int, width: int, mlp: int, depth: int) -> float:
@@ -161,7 +151,9 @@ def main(argv=None):
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args(argv)
-    peak = matmul_peak_gflops(jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32)
+    dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
+    print(describe(dtype), flush=True)
+    peak = matmul_peak_gflops(dtype)
     print(f"{platform.processor() or platform.machine()}, {jax.devices()[0].device_kind}, jax {jax.__version__}, "
           f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers {transformers.__version__}; "
           f"matmul peak {peak:.0f} GFLOP/s ({args.dtype})", flush=True)

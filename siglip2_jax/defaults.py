@@ -3,6 +3,7 @@
     attention_implementation   "einsum" except on GPU (cudnn-capable `dot_product_attention` there)
     attention_in_pair_groups   CPU: the einsum attention loops over groups of (image, head) pairs
     tokens_per_call            CPU: a batch runs as calls of at most CPU_TOKENS_PER_CALL tokens per device
+    scaled_to_l2               CPU cache budgets (tokens per call, attention logits per step) scaled to this L2
     loader_workers             CPU: no data-loader worker processes; else one per core but one, up to 32
     compute_dtype              CPU: float32; accelerators: bfloat16 (fine-tuning's dtype "auto")
     embed_part_size            CPU: CPU_PART_SIZE inputs per embed part; accelerators: 4096
@@ -14,9 +15,58 @@ tables; each comment names the `bench/` script that measures it again.
 
 from __future__ import annotations
 
-# Past ~2048 tokens per call every XLA:CPU matmul slows down (activations fall out of the cache).
-# Measured with `python bench/speed.py` (batch 8 of So400m/14@384 runs as several calls).
-CPU_TOKENS_PER_CALL = 2048
+import os
+from pathlib import Path
+
+# The cache budgets below were measured on a machine with this much L2 per core (the 2-core Xeon of the
+# README's tables); another machine gets them scaled by its own L2 per core (`scaled_to_l2`), within
+# [1/4, 4]x. Only the 2 MiB point is measured; the scaling is the assumption that the knee follows the
+# cache that the activations leave.
+REFERENCE_L2_BYTES = 2 << 20
+TOKENS_PER_CALL_ENV = "SIGLIP2_CPU_TOKENS_PER_CALL"
+
+
+def l2_cache_bytes(root: str | Path = "/sys/devices/system/cpu/cpu0/cache") -> int | None:
+    """The L2 cache per core in bytes, from Linux's sysfs (`root`: cpu0's cache directory); None where it
+    cannot be read (other systems, containers that hide it)."""
+    root = Path(root)
+    try:
+        for index in sorted(root.glob("index*")):
+            if (index / "level").read_text().strip() == "2" and (index / "type").read_text().strip() != "Instruction":
+                size = (index / "size").read_text().strip().upper()
+                unit = {"K": 1 << 10, "M": 1 << 20}.get(size[-1:], 1)
+                return int(size.rstrip("KM")) * unit
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def scaled_to_l2(reference_bytes: int, l2_bytes: int | None = None) -> int:
+    """A cache budget measured at REFERENCE_L2_BYTES of L2 per core, scaled to this machine's L2 per core
+    (`l2_cache_bytes()`, or `l2_bytes`) by at most 4x either way, rounded down to a power of two; the
+    reference value itself where the L2 size is unknown."""
+    l2 = l2_cache_bytes() if l2_bytes is None else l2_bytes
+    if not l2:
+        return reference_bytes
+    scaled = reference_bytes * min(4.0, max(0.25, l2 / REFERENCE_L2_BYTES))
+    return 1 << (int(scaled).bit_length() - 1)
+
+
+def _cpu_tokens_per_call() -> int:
+    value = os.environ.get(TOKENS_PER_CALL_ENV, "").strip()
+    if value.isdigit() and int(value) > 0:
+        return int(value)
+    if value:   # read at import: a warning, not an exception that would stop every command
+        import warnings
+        warnings.warn(f"${TOKENS_PER_CALL_ENV}={value!r} ignored: expected a positive whole number of tokens", stacklevel=2)
+    return scaled_to_l2(2048)
+
+
+# Past ~2048 tokens per call on a 2 MiB-L2 core every XLA:CPU matmul slows down (activations fall out of
+# the cache): B/16 texts at 128 per batch ran 15.3, 13.7, 14.0, 12.3, 10.9 texts/s at 512, 1024, 2048,
+# 4096, 8192 tokens per call (2026-11-30, a 227 GFLOP/s day), images flat from 400 to 3200. $SIGLIP2_CPU_TOKENS_PER_CALL
+# overrides it. Measured with `python bench/speed.py` (batch 8 of So400m/14@384 runs as several calls).
+CPU_TOKENS_PER_CALL = _cpu_tokens_per_call()
 # About a minute or two of a base model on a CPU (`python bench/embed_throughput.py`): an interrupted
 # `embed` run loses little.
 CPU_PART_SIZE = 256

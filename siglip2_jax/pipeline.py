@@ -21,7 +21,7 @@ from .checkpoint import write_checkpoint
 from .config import DEFAULT_MODEL, DEFAULT_TEMPLATE, Siglip2Config, check_template  # noqa: F401 (DEFAULT_MODEL: re-exported)
 from .images import ImagePreprocessor, NaFlexBatch
 from .losses import cosine_logits
-from .model.build import model_from_params, params_of
+from .model.build import in_compute_dtype, model_from_params, params_of
 from .model_source import ModelSource
 from .engine import BatchEngine, Pending
 from .params import Layout
@@ -58,7 +58,9 @@ class Siglip2Pipeline:
         self.preprocessor = preprocessor
         self.config, self.tokenizer, self.mesh = config, tokenizer, mesh
         self.max_num_patches, self.batch_size, self.source = max_num_patches, batch_size, source
-        self.model = model_from_params(config, params, dtype=dtype)
+        self.dtype = jnp.dtype(dtype)
+        # weights read only in the compute dtype are held in it (bit-identical, see in_compute_dtype)
+        self.model = model_from_params(config, in_compute_dtype(params, dtype), dtype=dtype)
         self._graphdef, self._state = nnx.split(self.model)
         graphdef = self._graphdef
 
@@ -180,7 +182,12 @@ class Siglip2Pipeline:
         return _top(probs, top_k)
 
     def save(self, directory: str | Path, overwrite: bool = False) -> Path:
-        """A self-contained checkpoint directory (params, config, tokenizer and preprocessor files)."""
+        """A self-contained checkpoint directory (params, config, tokenizer and preprocessor files). Raises
+        ValueError for a pipeline loaded with another dtype than float32, which holds its attention and MLP
+        weights rounded to that dtype."""
+        if self.dtype != jnp.float32:
+            raise ValueError(f"save() writes float32 weights, and this pipeline holds its attention and MLP weights "
+                             f"in {self.dtype.name} (load(..., dtype={self.dtype.name})): load the checkpoint in float32 to save it")
         params = {path: np.asarray(value) for path, value in params_of(self.model).items()}
         path = write_checkpoint(directory, self.config, params, source=self.config.name,
                                 assets_from=self.assets_dir, overwrite=overwrite)

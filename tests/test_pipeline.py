@@ -214,3 +214,27 @@ def test_an_embedding_does_not_depend_on_its_batch(family, fixres, tmp_path, tok
         assert np.array_equal(together, other)
     texts = model.encode_texts(TEXTS)
     assert np.array_equal(texts, np.concatenate([model.encode_texts([t]) for t in TEXTS]))
+
+
+def test_bfloat16_holds_its_matmul_weights_in_bfloat16(fixres, photo_files, monkeypatch):
+    """load(dtype=bfloat16) keeps the attention/MLP weights in bf16 once instead of casting them at every
+    call: the same embeddings bit for bit as the per-call cast, and save() refuses to write rounded weights."""
+    import jax.numpy as jnp
+
+    import siglip2_jax.pipeline
+    from siglip2_jax.model.build import COMPUTE_DTYPE_PARAMS, params_of
+
+    _, ours_dir = fixres
+    model = siglip2_jax.load(ours_dir, dtype=jnp.bfloat16)
+    held = params_of(model.model)
+    in_bf16 = {k for k, v in held.items() if v.dtype == jnp.bfloat16}
+    assert in_bf16 == {k for k in held if COMPUTE_DTYPE_PARAMS.search(k)}
+    assert "text/head_kernel" in in_bf16 and any("encoder" in k and k.endswith("fc1_kernel") for k in in_bf16)
+    assert held["vision/embed/position"].dtype == jnp.float32 and held["text/token_embed"].dtype == jnp.float32
+    monkeypatch.setattr(siglip2_jax.pipeline, "in_compute_dtype", lambda params, dtype: params)
+    cast_per_call = siglip2_jax.load(ours_dir, dtype=jnp.bfloat16)
+    assert params_of(cast_per_call.model)["text/head_kernel"].dtype == jnp.float32
+    assert np.array_equal(model.encode_texts(TEXTS), cast_per_call.encode_texts(TEXTS))
+    assert np.array_equal(model.encode_images(photo_files), cast_per_call.encode_images(photo_files))
+    with pytest.raises(ValueError, match="bfloat16"):
+        model.save(ours_dir.parent / "bf16-save")

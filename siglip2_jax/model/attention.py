@@ -80,10 +80,12 @@ def _heads_major_attention(q: Array, k: Array, v: Array, key_mask: Array | None,
 
 
 # Logits of at most this many bytes per (image, head) pair are computed for the whole batch at once;
-# larger ones in groups of pairs of up to LOGITS_BYTES_PER_STEP (CPU only; measured on x86-64 with
-# `python bench/speed.py --variants so400m14-384 --batches 8`).
-LOGITS_BYTES_ONE_STEP = 1 << 19
-LOGITS_BYTES_PER_STEP = 8 << 20
+# larger ones in groups of pairs of up to LOGITS_BYTES_PER_STEP (CPU only; measured on x86-64 with 2 MiB
+# of L2 per core, `python bench/speed.py --variants so400m14-384 --batches 8`, and scaled to this
+# machine's L2). So400m's attention core at batch 8 ran at 66, 62, 64, 89, 86, 83, 39 GFLOP/s with 1, 2,
+# 4, 8, 16, 32, 64 MiB per step there (2026-11-30).
+LOGITS_BYTES_ONE_STEP = defaults.scaled_to_l2(1 << 19)
+LOGITS_BYTES_PER_STEP = defaults.scaled_to_l2(8 << 20)
 
 
 def _pairs_per_step(pairs: int, pair_bytes: int) -> int:
