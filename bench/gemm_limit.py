@@ -10,7 +10,8 @@ Shapes, per tower (M = batch x sequence length tokens, W width, F MLP width, H h
   mlp_down  (M, F) @ (F, W)
   logits    batch*H x (N, d) @ (d, N)
   values    batch*H x (N, N) @ (N, d)
-Libraries (--libraries): xla (jax.jit of jnp.matmul), torch (torch.matmul; oneDNN/MKL), numpy (run in a child
+Libraries (--libraries): xla (jax.jit of jnp.matmul; alone, each call pays for a fresh output buffer, so it
+reads lower than XLA's dots inside a model, which ran as fast as OpenBLAS's there on 2026-11-30), torch (torch.matmul; oneDNN/MKL), numpy (run in a child
 process with OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE unset, which some machines set for old OpenBLAS builds
 and which slow a current one; the kernel it then runs is printed from threadpoolctl), ort (ONNX Runtime,
 one MatMul node, weights as an initializer as in an exported model, ORT_ENABLE_ALL, intra-op threads =

@@ -36,8 +36,12 @@ from .embed_store import (FORMAT, FORMAT_VERSION, EmbedError, done_mask, done_pa
                           write_atomic)
 
 DTYPES = ("float32", "float16")
+COMPUTE_DTYPES = ("float32", "bfloat16")
 OPTION_FLAGS = {"dtype": "--dtype", "batch_size": "--batch-size", "part_size": "--part-size",
-         "max_num_patches": "--max-num-patches", "model_parallel": "--model-parallel", "image_size": "--image-size"}
+         "max_num_patches": "--max-num-patches", "model_parallel": "--model-parallel", "image_size": "--image-size",
+         "compute_dtype": "--compute-dtype"}
+# what an OUT started before an option existed ran with
+OPTION_DEFAULTS = {"compute_dtype": "float32"}
 
 
 @dataclasses.dataclass
@@ -57,12 +61,16 @@ class EmbedResult:
 
 
 def embed(model, inputs: str | Path, out: str | Path, *, texts: bool = False, dtype: str = "float32",
-          batch_size: int = 128, part_size: int | None = None, max_num_patches: int | None = None, model_parallel: int = 1,
+          compute_dtype: str | None = None, batch_size: int = 128, part_size: int | None = None, max_num_patches: int | None = None, model_parallel: int = 1,
           image_size: int | None = None, mesh=None, workers: int | None = None, progress: bool = True) -> EmbedResult:
     """Embeds INPUT (a folder, a text file of paths, or with `texts` a text file of captions) into OUT.
 
     model: a checkpoint dir, HF dir or hub id; or a `Siglip2Pipeline` loaded from one (it is then used
         as it is: its mesh, preprocessing (NaFlex patch budget, FixRes image size), compiled functions).
+    dtype: the stored precision of the embeddings ("float32" or "float16").
+    compute_dtype: the model's compute dtype, as `load(dtype=...)`: "float32" (the default) or "bfloat16"
+        (bf16 matmuls with float32 accumulation: 2x on CPUs with AVX512-BF16/AMX, cosine with float32 >=
+        0.9999; see the README's Performance section). A pipeline given as `model` runs at its own dtype.
     max_num_patches / image_size: as in `siglip2_jax.load`.
     mesh: where to run a model given by path (default: this process's devices as a (data,
         model_parallel) mesh).
@@ -81,6 +89,8 @@ def embed(model, inputs: str | Path, out: str | Path, *, texts: bool = False, dt
 
     if dtype not in DTYPES:
         raise EmbedError(f"--dtype {dtype}: choose float32 or float16")
+    if compute_dtype is not None and compute_dtype not in COMPUTE_DTYPES:
+        raise EmbedError(f"--compute-dtype {compute_dtype}: choose float32 or bfloat16")
     out = Path(os.path.abspath(out))
     if part_size is None:
         part_size = _started_part_size(out) or defaults.embed_part_size(batch_size)
@@ -98,15 +108,20 @@ def embed(model, inputs: str | Path, out: str | Path, *, texts: bool = False, dt
         raise EmbedError(f"{source.source}: this checkpoint has no {kind} tower")
     if pipeline is not None:
         mesh = pipeline.mesh
+        if compute_dtype is not None and compute_dtype != pipeline.dtype.name:
+            raise EmbedError(f"--compute-dtype {compute_dtype}: the pipeline given computes in {pipeline.dtype.name}")
+        compute_dtype = pipeline.dtype.name
     elif mesh is None:
         mesh = make_mesh(model_parallel, jax.local_devices())
+    compute_dtype = compute_dtype or "float32"
     preprocess = _preprocessor(kind, source, max_num_patches, image_size, pipeline)
     budget = preprocess.max_num_patches if kind == "image" and config.naflex else None
     fixres_images = kind == "image" and not config.naflex
     # the FixRes input size when it is not the model's own (load(image_size=...)), else None
     size = preprocess.image_size if fixres_images and preprocess.image_size != config.vision.image_size else None
     options = {"dtype": dtype, "batch_size": batch_size, "part_size": part_size, "max_num_patches": budget,
-               "model_parallel": int(mesh.shape["model"]) if mesh is not None else 1, "image_size": size}
+               "model_parallel": int(mesh.shape["model"]) if mesh is not None else 1, "image_size": size,
+               "compute_dtype": compute_dtype}
     manifest = new_manifest(kind, source.source, source.fingerprint, inputs, listing, items, options, config.embed_dim)
     _open(out, manifest)
 
@@ -130,7 +145,7 @@ def embed(model, inputs: str | Path, out: str | Path, *, texts: bool = False, dt
                 with concurrent.futures.ThreadPoolExecutor(1) as pool:
                     first = pool.submit(next, batches)
                     pipeline = load(source, mesh=mesh, max_num_patches=budget, image_size=size,
-                                    batch_size=batch_size)
+                                    batch_size=batch_size, dtype=compute_dtype)
                     batches = itertools.chain([first.result()], batches)
                     del first  # holds the first batch
             _embed_parts(pipeline, batches, manifest, sum(len(p["sources"]) for p in plans), out, progress)
@@ -322,8 +337,9 @@ def _check_same_job(out: Path, old: dict, new: dict) -> None:
     if old["model"]["fingerprint"] != new["model"]["fingerprint"]:
         raise EmbedError(f"{out}: was started with another model ({old['model']['source']}); {advice}")
     for key, flag in OPTION_FLAGS.items():
-        if old["options"].get(key) != new["options"][key]:  # (image_size: absent from older OUTs)
-            raise EmbedError(f"{out}: was started with {flag} {old['options'].get(key)}, this command gives "
+        started = old["options"].get(key, OPTION_DEFAULTS.get(key))   # (absent from older OUTs)
+        if started != new["options"][key]:
+            raise EmbedError(f"{out}: was started with {flag} {started}, this command gives "
                              f"{new['options'][key]}; {advice}")
     if (old["input"]["count"], old["input"]["sha256"]) != (new["input"]["count"], new["input"]["sha256"]):
         raise EmbedError(f"{out}: the input changed since this OUT was started ({old['input']['count']} inputs "

@@ -58,7 +58,7 @@ class Siglip2Pipeline:
         self.preprocessor = preprocessor
         self.config, self.tokenizer, self.mesh = config, tokenizer, mesh
         self.max_num_patches, self.batch_size, self.source = max_num_patches, batch_size, source
-        self.dtype = jnp.dtype(dtype)
+        self.dtype = dtype = jnp.dtype(dtype)
         # weights read only in the compute dtype are held in it (bit-identical, see in_compute_dtype)
         self.model = model_from_params(config, in_compute_dtype(params, dtype), dtype=dtype)
         self._graphdef, self._state = nnx.split(self.model)

@@ -213,6 +213,7 @@ def test_rerun_with_other_model_input_or_options_is_refused(fixres, model8, phot
     same = ["--batch-size", "4", "--part-size", "6"]
     refusals = [  # (model, input, options): what the manifest must name
         (fixres[1], root, [*same, "--dtype", "float16"], "--dtype float32"),
+        (fixres[1], root, [*same, "--compute-dtype", "bfloat16"], "--compute-dtype float32"),
         (fixres[1], root, ["--batch-size", "8", "--part-size", "6"], "--batch-size 4"),
         (fixres[1], root, ["--batch-size", "4", "--part-size", "5"], "--part-size 6"),
         (fixres[1], captions, [*same, "--texts"], "holds image embeddings"),
@@ -224,6 +225,14 @@ def test_rerun_with_other_model_input_or_options_is_refused(fixres, model8, phot
         assert code == 2 and err.startswith("error: ") and needle in err, (options, err)
         assert len(err.strip().splitlines()) == 1, err
     assert {name: (out / "parts" / name).read_bytes() for name in os.listdir(out / "parts")} == before
+    # an OUT started before --compute-dtype existed ran in float32: continued by default, refused in bf16
+    manifest = json.loads((out / "manifest.json").read_text())
+    del manifest["options"]["compute_dtype"]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    code, err = _main(["embed", fixres[1], root, out, *same])
+    assert code == 0 and f"continuing {out}: 3 of 3 parts already done" in err, err
+    code, err = _main(["embed", fixres[1], root, out, *same, "--compute-dtype", "bfloat16"])
+    assert code == 2 and "was started with --compute-dtype float32, this command gives bfloat16" in err, err
     # without --part-size, an OUT is continued with its own (older OUTs too: the format did not change)
     code, err = _main(["embed", fixres[1], root, out, "--batch-size", "4"])
     assert code == 0 and f"continuing {out}: 3 of 3 parts already done" in err, err
@@ -250,6 +259,30 @@ def _main(argv) -> tuple[int, str]:
     with contextlib.redirect_stderr(err):
         code = main([str(a) for a in argv])
     return code, err.getvalue()
+
+
+def test_bfloat16_compute(fixres, photos, tmp_path):
+    """--compute-dtype bfloat16: the pipeline's bf16 path (close to float32, not equal), recorded in the manifest."""
+    import jax.numpy as jnp
+
+    root, paths = photos
+    code, err = _main(["embed", fixres[1], root, tmp_path / "bf16", "--compute-dtype", "bfloat16", "--batch-size", "4",
+                       "--no-progress"])
+    assert code == 0, err
+    assert read_manifest(tmp_path / "bf16")["options"]["compute_dtype"] == "bfloat16"
+    _, stored = read_embeddings(tmp_path / "bf16")
+    # the same as a bf16 pipeline on the CLI's mesh, given the same batches
+    bf16 = siglip2_jax.load(fixres[1], dtype=jnp.bfloat16, mesh=make_mesh(1))
+    _, same = read_embeddings(embed(bf16, root, tmp_path / "api", batch_size=4, workers=0, progress=False).out)
+    assert np.array_equal(stored, same)
+    fp32 = siglip2_jax.load(fixres[1]).encode_images(paths)
+    assert not np.array_equal(stored, fp32) and (stored * fp32).sum(-1).min() >= 0.999
+    with pytest.raises(EmbedError, match="the pipeline given computes in bfloat16"):
+        embed(bf16, root, tmp_path / "mixed", compute_dtype="float32", workers=0, progress=False)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exit_:
+        main(["embed", str(fixres[1]), str(root), str(tmp_path / "f16c"), "--compute-dtype", "float16"])
+    assert exit_.value.code == 2 and "--compute-dtype: invalid choice: 'float16'" in err.getvalue()
 
 
 def test_texts_and_list_files(model8, photos, tmp_path):

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from .. import defaults
-from ..embed import DTYPES
+from ..embed import COMPUTE_DTYPES, DTYPES
 from . import CommandError, add_multi_host_arguments, int_at_least, positive_int
 
 # XLA, grain and jax.distributed failures: one line too, as `embed` has always reported them
@@ -35,6 +35,7 @@ inputs and uses its local devices; OUT must be on a shared file system.
 
 examples:
   siglip2-jax embed ckpt/b16-224 photos/ out/photos --dtype float16
+  siglip2-jax embed ckpt/b16-224 photos/ out/photos --compute-dtype bfloat16   # 2x on a recent x86 CPU
   siglip2-jax embed ckpt/b16-224 captions.txt out/captions --texts
   siglip2-jax embed ckpt/so400m list.txt out/ --coordinator-address host0:1234 --num-processes 8 --process-id 3
 
@@ -55,6 +56,10 @@ def register(commands) -> None:
     parser.add_argument("out", metavar="OUT", help="output folder (created; continued if it holds this job)")
     parser.add_argument("--texts", action="store_true", help="INPUT is a text file of captions, one per line")
     parser.add_argument("--dtype", default="float32", choices=DTYPES, help="stored precision (default float32)")
+    parser.add_argument("--compute-dtype", default="float32", choices=COMPUTE_DTYPES,
+                        help="the model's precision (default float32). bfloat16: bf16 matmuls with float32 "
+                             "accumulation, about 2x faster on CPUs with AVX512-BF16/AMX and on GPUs/TPUs; "
+                             "embeddings' cosine with float32 >= 0.9999")
     parser.add_argument("--batch-size", type=positive_int, default=128, help="inputs per step over all local devices (default 128)")
     parser.add_argument("--part-size", type=positive_int, default=None,
                         help="inputs per output part, the unit of resuming (default: the one OUT was started with "
@@ -84,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     from ..embed import embed
 
     distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
-    result = embed(args.model, args.inputs, args.out, texts=args.texts, dtype=args.dtype,
+    result = embed(args.model, args.inputs, args.out, texts=args.texts, dtype=args.dtype, compute_dtype=args.compute_dtype,
                    batch_size=args.batch_size, part_size=args.part_size, max_num_patches=args.max_num_patches,
                    image_size=args.image_size, model_parallel=args.model_parallel, workers=args.workers, progress=not args.no_progress)
     if not result.complete:
