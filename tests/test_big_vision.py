@@ -247,6 +247,15 @@ def test_convert_cli_verify_npz_against_open_clip(tmp_path, tokenizer_model):
 
 
 # ---- full size -----------------------------------------------------------------------------------------
+# B/16@224 at full size and full depth (12 layers: two-digit layer names too). So400m/14@384 in its full
+# geometry (width 1152, 16 heads of 72, MLP 4304, patch 14 at 384: a 27x27 grid, the 256k vocabulary) but
+# SO400M_LAYERS of its 27 layers per tower: the layers are alike and mapped alike, B/16 covers the full
+# depth here, and full-depth So400m parity is test_full_size's (which builds it once, for all its tests).
+# The conversion's peak is about constant (2.45 GiB, the 256k x 1152 embedding and the process), so the
+# file must stay large enough for the 1.5x bound to keep its margin: 8 layers make 2.1 GiB (1.2x).
+SO400M_LAYERS = 8
+
+
 @needs_open_clip
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", ["b16_224", "so400m14_384"])
@@ -255,15 +264,22 @@ def test_full_size_matches_open_clip(variant, tmp_path):
     the conversion's peak memory is measured in its own process."""
     hf = preset_hf_config(VARIANTS[variant])
     npz = tmp_path / f"siglip2_{variant}.npz"
+    args = []
+    if variant == "so400m14_384":
+        for tower in ("vision_config", "text_config"):
+            hf[tower]["num_hidden_layers"] = SO400M_LAYERS
+        (tmp_path / "config.json").write_text(json.dumps(hf))
+        args = ["--config", str(tmp_path / "config.json")]
     try:
         write_npz(npz, big_vision_arrays(hf, seed=9))  # per layer: open_clip re-reads a scanned array for every layer
-        run = subprocess.run([sys.executable, "-m", "siglip2_convert", str(npz), str(tmp_path / "ours"), "--quiet"],
+        run = subprocess.run([sys.executable, "-m", "siglip2_convert", str(npz), str(tmp_path / "ours"), "--quiet", *args],
                              capture_output=True, text=True)
         assert run.returncode == 0, run.stderr
         print(run.stdout.strip())
         ratio = float(run.stdout.split("GiB (")[1].split("x the")[0])
         assert ratio <= 1.5, run.stdout
-        config = big_vision.variant_config(variant)
+        config = Siglip2Config.from_hf(hf) if args else big_vision.variant_config(variant)
+        assert config.vision.depth == hf["vision_config"]["num_hidden_layers"]
         inputs = random_inputs(config, batch=1 if variant == "so400m14_384" else 2)
         reference = open_clip_outputs(npz, config, inputs)
         npz.unlink()

@@ -15,8 +15,10 @@ import pytest
 
 from siglip2_jax.checkpoint import read_checkpoint_config, restore_params
 from siglip2_jax.model.build import model_from_params
+from siglip2_jax.model.siglip import l2_normalize
 from reference import make_reference, preset_hf_config, save_reference
-from test_parity import assert_parity, convert_and_load, inputs_for, max_diffs, normalize, our_outputs, reference_outputs
+from test_parity import (assert_parity, convert_and_load, inputs_for, max_diffs, normalize, our_outputs, outputs_of,
+                         reference_outputs)
 
 pytestmark = pytest.mark.slow
 
@@ -58,24 +60,35 @@ def test_so400m_conversion_peak_memory(so400m):
     assert ratio <= 1.5, report
 
 
-def test_so400m_patch14_384_matches_transformers(so400m):
-    tmp, pixels, ids, ref, _ = so400m
+@pytest.fixture(scope="module")
+def so400m_ours(so400m):
+    """Our float32 So400m restored from the converted checkpoint and run once, for the parity and the
+    bfloat16 tests: (config, params, our float32 outputs, float32 image and text embeddings as
+    `encode_images` and `encode_texts` give them)."""
+    tmp, pixels, ids, _, _ = so400m
     config = read_checkpoint_config(tmp / "ours")
-    model = model_from_params(config, restore_params(tmp / "ours", config))
-    d = max_diffs(our_outputs(model, pixels, ids), ref)
+    params = restore_params(tmp / "ours", config)
+    model = model_from_params(config, params)
+    images, texts = model.vision(jnp.asarray(pixels)), model.encode_texts(jnp.asarray(ids), normalize=False)
+    encoded = normalize(l2_normalize(images.pooled)), normalize(l2_normalize(texts))
+    yield config, params, outputs_of(model, images, texts), encoded
+    del params, model
+    gc.collect()
+
+
+def test_so400m_patch14_384_matches_transformers(so400m, so400m_ours):
+    _, _, _, ref, _ = so400m
+    d = max_diffs(so400m_ours[2], ref)
     print(f"So400m/14@384 full size: {d}")
     assert_parity(d)
 
 
-def test_so400m_bfloat16_close_to_float32(so400m):
-    tmp, pixels, ids, _, _ = so400m
-    config = read_checkpoint_config(tmp / "ours")
-    params = restore_params(tmp / "ours", config)
-    images, texts = {}, {}
-    for dtype in (jnp.float32, jnp.bfloat16):
-        model = model_from_params(config, params, dtype=dtype)
-        images[dtype] = normalize(model.encode_images(jnp.asarray(pixels)))
-        texts[dtype] = normalize(model.encode_texts(jnp.asarray(ids)))
+def test_so400m_bfloat16_close_to_float32(so400m, so400m_ours):
+    _, pixels, ids, _, _ = so400m
+    config, params, _, (image32, text32) = so400m_ours
+    model = model_from_params(config, params, dtype=jnp.bfloat16)
+    images = {jnp.float32: image32, jnp.bfloat16: normalize(model.encode_images(jnp.asarray(pixels)))}
+    texts = {jnp.float32: text32, jnp.bfloat16: normalize(model.encode_texts(jnp.asarray(ids)))}
     image_cos = (images[jnp.float32] * images[jnp.bfloat16]).sum(-1)
     text_cos = (texts[jnp.float32] * texts[jnp.bfloat16]).sum(-1)
     print(f"So400m/14@384 bf16 vs fp32 cosine: images {image_cos}, texts {text_cos}")

@@ -44,8 +44,12 @@ def reference_outputs(model, pixels, ids):
 
 
 def our_outputs(model, pixels, ids):
-    images = model.vision(jnp.asarray(pixels))
-    image, text = normalize(images.pooled), normalize(model.encode_texts(jnp.asarray(ids), normalize=False))
+    return outputs_of(model, model.vision(jnp.asarray(pixels)), model.encode_texts(jnp.asarray(ids), normalize=False))
+
+
+def outputs_of(model, images, texts):
+    """our_outputs from what the towers returned: the vision tower's output, the text tower's pooled embeddings."""
+    image, text = normalize(images.pooled), normalize(texts)
     return dict(image=image, text=text, logits=np.asarray(model.logits(jnp.asarray(image, jnp.float32), jnp.asarray(text, jnp.float32))),
                 tokens=np.asarray(images.tokens))
 
