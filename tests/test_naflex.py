@@ -118,14 +118,13 @@ def assert_fails_without_antialias(model, inputs, ids, ref, monkeypatch):
 
 
 @pytest.mark.slow
-def test_full_size_base_naflex_matches_transformers(tmp_path, monkeypatch):
+def test_full_size_base_naflex_matches_transformers(tmp_path):
     model, reference, inputs, ids = setup(tmp_path, "siglip2-base-patch16-naflex", scaled=False, seed=5)
     ref = reference_outputs(reference, inputs, ids)
     del reference
     d = diffs(our_outputs(model, inputs, ids), ref, inputs.mask)
     print(f"base-patch16-naflex full size: {d}")
-    assert_parity(d)
-    assert_fails_without_antialias(model, inputs, ids, ref, monkeypatch)
+    assert_parity(d)   # (that the comparison fails without the antialias is shown scaled down, above)
 
 
 def test_convert_verify_certifies_naflex(tmp_path):
