@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 import siglip2_jax
-from peers import Tower, normalized, torch_args, trained_size_
+from peers import Tower, cosine, torch_args, trained_size_
 from speed import VARIANTS, inputs, model_flops, reference_model
 
 VARIANTS = {**VARIANTS, "naflex-so400m16-256": "siglip2-so400m-patch16-naflex"}
@@ -53,11 +53,6 @@ def bf16_matmul_tflops(n: int = 8192, reps: int = 10) -> float:
         out = f(a)
     out.block_until_ready()
     return 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e12
-
-
-def cosine(a, b) -> float:
-    a, b = normalized(a), normalized(b)
-    return float(np.min(np.sum(a * b, -1)))
 
 
 def on(device, args: tuple, dtype) -> tuple:

@@ -68,6 +68,12 @@ def normalized(x) -> np.ndarray:
     return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
+def cosine(a, b) -> float:
+    """The smallest cosine between matching rows of two (n, D) embedding arrays."""
+    a, b = normalized(a), normalized(b)
+    return float(np.min(np.sum(a * b, -1)))
+
+
 def pooled(output) -> torch.Tensor:
     """transformers 5 returns the tower's output object from get_*_features; the embedding is its pooler_output."""
     return output.pooler_output if hasattr(output, "pooler_output") else output

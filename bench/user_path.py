@@ -44,6 +44,8 @@ from siglip2_jax.checkpoint import export_hf
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serve_load import random_checkpoint  # noqa: E402
 from machine import describe  # noqa: E402
+from peers import cosine  # noqa: E402
+from speed import timed  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CAPTIONS = [
@@ -88,22 +90,7 @@ def neighbour(active: bool):
 def torch_peak_gflops(n: int = 2048, reps: int = 10) -> float:
     a = torch.ones(n, n)
     a @ a
-    best = min(_time(lambda: a @ a) for _ in range(reps))
-    return 2 * n ** 3 / best / 1e9
-
-
-def _time(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def cosine(a, b) -> float:
-    a = np.asarray(a, np.float64)
-    b = np.asarray(b, np.float64)
-    a /= np.linalg.norm(a, axis=-1, keepdims=True)
-    b /= np.linalg.norm(b, axis=-1, keepdims=True)
-    return float((a * b).sum(-1).min())
+    return 2 * n ** 3 / min(timed(lambda: a @ a, reps)) / 1e9
 
 
 def calls(sides, reference, processor, images, texts):
@@ -146,7 +133,7 @@ def run_condition(name: str, table, reps: int, counts: dict) -> list[dict]:
             for key, sides in table.items():
                 order = list(sides) if rep % 2 == 0 else list(reversed(list(sides)))
                 for side in order:
-                    samples[key][side].append(_time(sides[side]))
+                    samples[key][side] += timed(sides[side], 1)
     return [dict(condition=name, kind=kind, stage=stage, n=counts[kind],
                  seconds={side: statistics.median(times) for side, times in sides.items()})
             for (kind, stage), sides in samples.items()]
