@@ -6,7 +6,9 @@ SIGTERM loses no request."""
 
 import asyncio
 import base64
+import http.client
 import io
+import json
 import os
 import re
 import signal
@@ -424,9 +426,40 @@ def test_readme_serving_snippets_run(server, tmp_path):
         assert result.returncode == 0, block + result.stderr
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the SYN filter is Linux's")
+def test_listener_refuses_new_handshakes_but_keeps_the_queued_ones():
+    """What the drain's last step relies on: after `refuse_new_connections`, a connection already in the
+    accept queue is still accepted and carries data both ways, `accept_queue` counts it, and a new connect
+    gets no handshake (it times out, and would be refused once the listener closes)."""
+    from siglip2_jax.serving.server import accept_queue, refuse_new_connections
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        address = listener.getsockname()
+        with socket.create_connection(address, timeout=5) as queued:
+            deadline = time.monotonic() + 5
+            while accept_queue(listener) != 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert accept_queue(listener) == 1
+            refuse_new_connections(listener)
+            with pytest.raises(TimeoutError):
+                socket.create_connection(address, timeout=0.3).close()
+            assert accept_queue(listener) == 1
+            accepted, _ = listener.accept()
+            with accepted:
+                assert accept_queue(listener) == 0
+                queued.sendall(b"request")
+                assert accepted.recv(16) == b"request"
+                accepted.sendall(b"answer")
+                assert queued.recv(16) == b"answer"
+
+
 def test_sigterm_during_load_answers_or_refuses_every_request(server):
     """Requests keep arriving while SIGTERM comes: each is answered (200), refused with a status, or refused
-    at connect; none is cut off after it was sent. The server exits 0."""
+    at connect; none is cut off after it was sent. Connections opened before the signal whose request comes
+    only after the last one in progress was answered (fresh, and idle after a keep-alive answer) still get a
+    whole 503; a connection tried during the drain is refused at connect or answered. The server exits 0."""
     outcomes = []
 
     async def client_loop(client, i):
@@ -443,16 +476,42 @@ def test_sigterm_during_load_answers_or_refuses_every_request(server):
                 outcomes.append(f"lost: {type(error).__name__}")
                 return
 
+    def open_connections():
+        fresh = [http.client.HTTPConnection("127.0.0.1", server.port, timeout=30) for _ in range(2)]
+        for connection in fresh:
+            connection.connect()
+        kept_alive = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        kept_alive.request("GET", "/health")
+        answer = kept_alive.getresponse()
+        assert answer.status == 200 and answer.read()
+        return [*fresh, kept_alive]
+
     async def main():
         limits = httpx.Limits(max_keepalive_connections=0)   # a new connection per request
         async with httpx.AsyncClient(base_url=server.url, timeout=60, limits=limits) as client:
             tasks = [asyncio.create_task(client_loop(client, i)) for i in range(8)]
             while len(outcomes) < 10:
                 await asyncio.sleep(0.05)
+            idle = await asyncio.to_thread(open_connections)
             server.process.send_signal(signal.SIGTERM)
             await asyncio.gather(*tasks)
+            return idle
 
-    asyncio.run(main())
+    idle = asyncio.run(main())
+    time.sleep(1)   # nothing in progress now: a server that closed at once would have closed these by now
+    try:
+        late = socket.create_connection(("127.0.0.1", server.port), timeout=0.5)
+    except (TimeoutError, ConnectionRefusedError):   # no new handshake completes while it drains
+        late = None
+    else:
+        idle.append(http.client.HTTPConnection("127.0.0.1", server.port, timeout=30))
+        idle[-1].sock = late
+    for connection in idle:
+        connection.request("POST", "/v1/embeddings", body=b'{"input": "x"}', headers={"Content-Type": "application/json"})
+        answer = connection.getresponse()
+        body = answer.read()
+        assert answer.status == 503 and answer.getheader("connection") == "close", (answer.status, body)
+        assert json.loads(body)["error"]["code"] == "shutting_down"
     assert server.process.wait(60) == 0
     lost = [o for o in outcomes if isinstance(o, str) and o.startswith("lost")]
     assert not lost, outcomes

@@ -120,6 +120,8 @@ def create_app(pipeline, settings: ServerSettings) -> FastAPI:
     async def _count(request: Request, call_next):
         started = time.perf_counter()
         response = await call_next(request)
+        if state.stopping:   # so that clients open no more requests on this connection while the server drains
+            response.headers["Connection"] = "close"
         route = request.scope.get("route")
         name = route.path if route is not None else "other"
         metrics.requests.labels(name, str(response.status_code)).inc()
@@ -257,12 +259,6 @@ class _State:
         config = self.pipeline.config
         return [k for k, tower in (("text", config.text), ("image", config.vision)) if tower is not None
                 and (k != "text" or self.pipeline.tokenizer is not None)]
-
-    def wait_idle(self, timeout_s: float) -> None:
-        """Block until no request is in progress, or timeout_s."""
-        deadline = time.monotonic() + timeout_s
-        while self.in_progress and time.monotonic() < deadline:
-            time.sleep(0.02)
 
     def stop(self) -> None:
         self.stopping = True

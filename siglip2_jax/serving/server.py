@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import signal
 import sys
+import time
 
 
 def serve(pipeline, settings, *, host: str, port: int) -> None:
@@ -29,10 +30,15 @@ def serve(pipeline, settings, *, host: str, port: int) -> None:
 
 
 def _draining_server(config, state):
-    """uvicorn's server with a drain before the exit: on SIGTERM (or Ctrl-C) new requests get 503 while
-    the ones in progress are answered; only then does the listener close and the process exit 0. A second
-    signal exits at once. (uvicorn alone closes the listener first, so a request still in the accept
-    queue at that moment would be cut off.)"""
+    """uvicorn's server with a drain before the exit. On SIGTERM (or Ctrl-C):
+    1. new requests get 503 (with `Connection: close`) while the ones in progress are answered, until no
+       request is in progress and every open connection has had its answer or stayed silent for the
+       keep-alive timeout;
+    2. the listener stops completing new TCP handshakes (`refuse_new_connections`); the connections made
+       before that are accepted, and their requests answered 503, in the same way;
+    3. only then does uvicorn close the listener, and the process exits 0.
+    A second signal exits at once. (uvicorn alone closes the listener and every connection without a request
+    in progress at once, so a request sent just then would be cut off after the client sent it.)"""
     import threading
 
     import uvicorn
@@ -44,13 +50,76 @@ def _draining_server(config, state):
             state.stopping = True
             print("siglip2-jax serve: stopping: answering the requests in progress, refusing new ones",
                   file=sys.stderr, flush=True)
+            threading.Thread(target=self.drain, args=(sig, frame), daemon=True).start()
 
-            def drain():
-                state.wait_idle(DRAIN_TIMEOUT_S)
-                super(DrainingServer, self).handle_exit(sig, frame)
-            threading.Thread(target=drain, daemon=True).start()
+        def drain(self, sig, frame):
+            deadline = time.monotonic() + DRAIN_TIMEOUT_S
+            listeners = [sock for server in self.servers for sock in server.sockets]
+            self.wait_quiet(listeners, deadline)
+            for sock in listeners:
+                refuse_new_connections(sock)
+            time.sleep(HANDSHAKE_SETTLE_S)   # handshakes begun before the filter complete and queue up
+            self.wait_quiet(listeners, deadline)
+            super().handle_exit(sig, frame)
+
+        def wait_quiet(self, listeners, deadline: float) -> None:
+            """Waits until no request is in progress and no connection is open or queued, except silent
+            ones once they have been silent for the keep-alive timeout; at most until `deadline`."""
+            silent_until = time.monotonic() + self.config.timeout_keep_alive
+            while time.monotonic() < deadline:
+                connections = list(self.server_state.connections)
+                if not state.in_progress and not any(map(_answering, connections)) and (
+                        time.monotonic() > silent_until or not (connections or any(map(accept_queue, listeners)))):
+                    return
+                time.sleep(0.02)
 
     return DrainingServer(config)
 
 
+def _answering(connection) -> bool:
+    """Whether a uvicorn connection has a request whose response is not yet complete."""
+    cycle = getattr(connection, "cycle", None)
+    return cycle is not None and not cycle.response_complete
+
+
+def refuse_new_connections(sock) -> None:
+    """Makes the listening TCP socket `sock` drop every new SYN (a classic BPF socket filter), so no new
+    handshake completes while the connections already made are still accepted and served. The clients'
+    SYNs are retried by their kernels, and refused once the listener is closed, so nobody is cut off after
+    connecting. Linux only; elsewhere it does nothing. The filter reads the TCP flags byte (offset 13 of the
+    TCP header, where a TCP socket filter starts) and drops packets with SYN set and ACK clear."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import socket
+    import struct
+
+    program = [(0x30, 0, 0, 13),           # ldb [13]: the TCP flags
+               (0x54, 0, 0, 0x12),         # and #(SYN|ACK)
+               (0x15, 0, 1, 0x02),         # jeq #SYN: next (drop), else skip one (keep)
+               (0x06, 0, 0, 0),            # ret #0: drop
+               (0x06, 0, 0, 0xFFFFFFFF)]   # ret #-1: keep the whole packet
+    code = ctypes.create_string_buffer(b"".join(struct.pack("HBBI", *op) for op in program))
+    sock_fprog = struct.pack("HP", len(program), ctypes.addressof(code))   # struct sock_fprog, native alignment
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, sock_fprog)
+    except OSError as error:   # best effort: without it a client connecting at the last moment may be reset
+        print(f"siglip2-jax serve: could not stop new connections before closing: {error}", file=sys.stderr,
+              flush=True)
+
+
+def accept_queue(sock) -> int:
+    """Connections waiting in the listening socket `sock`'s accept queue: Linux reports it in TCP_INFO's
+    tcpi_unacked field for a listener (bytes 24-27). 0 where that is not available."""
+    import socket
+    import struct
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+        return struct.unpack_from("I", info, 24)[0]
+    except (AttributeError, OSError, struct.error):
+        return 0
+
+
 DRAIN_TIMEOUT_S = 60
+HANDSHAKE_SETTLE_S = 0.25   # a handshake's round trip; longer ones finish as refused connects
+SO_ATTACH_FILTER = 26       # <asm-generic/socket.h>; the socket module does not name it
