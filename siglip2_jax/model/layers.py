@@ -83,7 +83,10 @@ class Mlp(nnx.Module):
     def __call__(self, x: Array) -> Array:
         compute = self.dtype
         h = matmul(x.astype(compute), self.fc1_kernel[...].astype(compute)) + self.fc1_bias[...].astype(compute)
-        h = jax.nn.gelu(h, approximate=self.approximate_gelu)
+        # in float32 whatever the compute dtype: XLA:CPU's bfloat16 tanh is slow and less precise (bf16 B/16
+        # images at batch 8: 826 against 927 ms, one process alternating; `python bench/peers.py --variants
+        # b16-224 --runtimes ours-bf16` re-measures); on GPU fused bf16 elementwise code computes in float32 anyway
+        h = jax.nn.gelu(h.astype(jnp.float32), approximate=self.approximate_gelu).astype(compute)
         return matmul(h, self.fc2_kernel[...].astype(compute)) + self.fc2_bias[...].astype(compute)
 
 
