@@ -54,18 +54,19 @@ def _draining_server(config, state):
 
         def drain(self, sig, frame):
             deadline = time.monotonic() + DRAIN_TIMEOUT_S
+            silent_until = time.monotonic() + self.config.timeout_keep_alive
             listeners = [sock for server in self.servers for sock in server.sockets]
-            self.wait_quiet(listeners, deadline)
+            self.wait_quiet(listeners, deadline, silent_until)
             for sock in listeners:
                 refuse_new_connections(sock)
             time.sleep(HANDSHAKE_SETTLE_S)   # handshakes begun before the filter complete and queue up
-            self.wait_quiet(listeners, deadline)
+            # a connection made just now gets a second to send its request; silent older ones no longer wait
+            self.wait_quiet(listeners, deadline, max(silent_until, time.monotonic() + 1.0))
             super().handle_exit(sig, frame)
 
-        def wait_quiet(self, listeners, deadline: float) -> None:
+        def wait_quiet(self, listeners, deadline: float, silent_until: float) -> None:
             """Waits until no request is in progress and no connection is open or queued, except silent
-            ones once they have been silent for the keep-alive timeout; at most until `deadline`."""
-            silent_until = time.monotonic() + self.config.timeout_keep_alive
+            ones after `silent_until`; at most until `deadline` (time.monotonic() seconds)."""
             while time.monotonic() < deadline:
                 connections = list(self.server_state.connections)
                 if not state.in_progress and not any(map(_answering, connections)) and (
