@@ -268,6 +268,7 @@ def test_classify_refusals(server):
              ({"images": [image], "labels": ["cat"], "template": "a {} of {kind}"}, "exactly one {}"),
              ({"images": [image], "labels": ["cat"], "top": 0}, "positive integer"),
              ({"images": ["a text, not an image"], "labels": ["cat"]}, "images[0]: "),
+             ({"images": [5], "labels": ["cat"]}, "images[0]: expected a string or a content part object, got int"),
              ({"images": [image], "labels": ["cat", "\ud83d"]}, "labels[1]: not valid Unicode"),
              ({"images": [image], "labels": ["cat"], "template": "a {} \udc00"}, "template: not valid Unicode"),
              ({"query": "\ud800", "candidates": [image]}, "query: not valid Unicode"),
@@ -294,6 +295,8 @@ def test_body_limits_json_and_routes(server):
     assert response.status_code == 400 and "not valid JSON" in response.json()["error"]["message"]
     assert httpx.post(server.url + "/v1/embeddings", json=[1, 2], timeout=60).status_code == 400
     assert httpx.get(server.url + "/v1/nothing").status_code == 404
+    assert httpx.get(server.url + "/v1/embeddings").json()["error"]["code"] == "method_not_allowed"
+    assert httpx.head(server.url + "/health").status_code == 200
     assert httpx.get(server.url + "/health").json()["status"] == "ready"
 
 

@@ -130,7 +130,7 @@ def create_app(pipeline, settings: ServerSettings) -> FastAPI:
         metrics.latency.labels(name).observe(time.perf_counter() - started)
         return response
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])   # load balancers probe with either
     async def health():
         if state.error:
             return JSONResponse({"status": "error", "error": state.error}, status_code=503)

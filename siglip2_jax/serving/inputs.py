@@ -73,7 +73,7 @@ def parse_item(item, name: str, strings: str = "text") -> Text | ImageRef:
     if isinstance(item, str):
         return Text(checked_text(item, name), name) if strings == "text" else ImageRef(item, name)
     if not isinstance(item, dict):
-        if isinstance(item, (int, list)) and not isinstance(item, bool):
+        if strings == "text" and isinstance(item, (int, list)) and not isinstance(item, bool):
             raise InputError(f"{name}: token id input is not supported; send the text itself", name)
         raise InputError(f"{name}: expected a string or a content part object, got {type(item).__name__}", name)
     kind = item.get("type")
@@ -97,7 +97,7 @@ def parse_items(value, name: str, max_items: int, strings: str = "text") -> list
         raise InputError(f"{name}: give at least one input", name)
     if len(items) > max_items:
         raise InputError(f"{name}: {len(items)} inputs, more than the server's limit of {max_items} per request", name)
-    if all(isinstance(i, int) and not isinstance(i, bool) for i in items):
+    if strings == "text" and all(isinstance(i, int) and not isinstance(i, bool) for i in items):
         raise InputError(f"{name}: token id input is not supported; send the text itself", name)
     return [parse_item(item, f"{name}[{i}]" if isinstance(value, list) else name, strings)
             for i, item in enumerate(items)]
