@@ -300,6 +300,29 @@ def test_body_limits_json_and_routes(server):
     assert httpx.get(server.url + "/health").json()["status"] == "ready"
 
 
+def test_client_gone_mid_body_is_a_400_not_a_traceback():
+    """A client that closes its connection half-way through the body (in process: uvicorn would only log
+    the exception): the app answers a 400 (to nobody, but counted) instead of raising ClientDisconnect."""
+    from siglip2_jax.serving.app import ServerSettings, create_app
+
+    app = create_app(None, ServerSettings("m"))
+    app.state.server.ready.set()
+    received = iter([{"type": "http.request", "body": b'{"inp', "more_body": True}])
+    sent = []
+
+    async def receive():
+        return next(received, {"type": "http.disconnect"})
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/v1/embeddings", "raw_path": b"/v1/embeddings", "query_string": b"", "root_path": "",
+             "headers": [(b"content-length", b"100")], "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+    asyncio.run(app(scope, receive, send))
+    assert sent[0]["status"] == 400 and json.loads(sent[1]["body"])["error"]["code"] == "client_disconnected"
+
+
 def test_nothing_compiles_after_ready_and_metrics(server):
     compiled = server.compilations()
     for n in (1, 3, 5, 8, 13):

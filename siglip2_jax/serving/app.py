@@ -29,6 +29,7 @@ import time
 import jax
 import numpy as np
 from fastapi import FastAPI, Request
+from starlette.requests import ClientDisconnect
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -326,6 +327,9 @@ class _State:
         timeout = self.settings.body_timeout_s
         try:   # a client that stalls mid-body would otherwise hold its --max-queue place for ever
             await asyncio.wait_for(read(), timeout)
+        except ClientDisconnect:   # nobody to answer; a 400 in the metrics instead of a traceback in the log
+            raise ApiError(400, "the client went away before sending the whole body",
+                           code="client_disconnected") from None
         except asyncio.TimeoutError:
             raise ApiError(408, f"the request body did not arrive within {timeout:g} s (--body-timeout-s); got "
                                 f"{sum(map(len, chunks))} bytes", code="request_timeout",
