@@ -76,7 +76,7 @@ def register(commands) -> None:
                         help="largest request body; larger ones get 413 (default %(default)s = 20 MiB)")
     parser.add_argument("--max-inputs-per-request", type=positive_int, default=256,
                         help="most inputs (or labels) in one request (default %(default)s)")
-    parser.add_argument("--body-timeout-s", type=_positive, default=30.0,
+    parser.add_argument("--body-timeout-s", type=_positive, default=60.0,
                         help="longest a request body may take to arrive; slower ones get 408 (default %(default)s)")
     parser.add_argument("--api-key", default=os.environ.get("SIGLIP2_API_KEY"),
                         help="require 'Authorization: Bearer KEY' on /v1/* (default: $SIGLIP2_API_KEY; none if unset)")

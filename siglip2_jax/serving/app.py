@@ -54,7 +54,7 @@ class ServerSettings:
     max_queue: int = 256
     max_request_bytes: int = 20 << 20
     max_inputs_per_request: int = 256
-    body_timeout_s: float = 30.0   # a client that sends its body slower than this loses its place (408)
+    body_timeout_s: float = 60.0   # a client that sends its body slower than this loses its place (408)
     decode_workers: int | None = None  # None: the cores, at most 4
     fetch: FetchPolicy = FetchPolicy()
 
