@@ -238,13 +238,26 @@ def test_bad_image_is_a_400_naming_its_index(server, case):
     ({"input": "x", "encoding_format": "int8"}, 400, "encoding_format"),
     ({"input": "x", "dimensions": 3}, 400, "dimensions"),
     ({"nothing": 1}, 400, "at least one input"),
+    ({"input": [True]}, 400, "input[0]: expected a string or a content part object, got bool"),
+    ({"input": [{"type": "image_url", "image_url": {"url": "http://[::1/x.png"}}]}, 400, "input[0]: not a valid URL"),
+    ({"input": ["fine", "\ud800"]}, 400, "input[1]: not valid Unicode"),            # JSON's escape of a lone surrogate
+    ({"input": [{"type": "text", "text": "a\udfffb"}]}, 400, "input[0]: not valid Unicode"),
+    pytest.param(b'{"input": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400, "nested too deeply", id="deep"),
+    # base64 as the `base64` tool writes it (76-character lines), URL-safe and unpadded is still base64
+    ({"input": [{"type": "image_url", "image_url": "data:image/png;base64," + base64.encodebytes(png(1)).decode()}]},
+     200, None),
+    ({"input": [{"type": "image_url", "image_url": "data:image/png;base64,"
+                 + base64.urlsafe_b64encode(png(1)).decode().rstrip("=")}]}, 200, None),
 ])
 def test_bad_requests_get_openai_shaped_errors(server, body, status, needle):
-    response = httpx.post(server.url + "/v1/embeddings", json=body, timeout=60)
+    # json.dumps escapes a lone surrogate as JSON allows ("\ud800"); bytes are sent as they are
+    content = body if isinstance(body, bytes) else json.dumps(body)
+    response = httpx.post(server.url + "/v1/embeddings", content=content, timeout=60)
     assert response.status_code == status, response.text
     if needle:
         error = response.json()["error"]
         assert needle in error["message"] and set(error) == {"message", "type", "param", "code"}
+    assert httpx.get(server.url + "/health").status_code == 200
 
 
 def test_classify_refusals(server):
@@ -255,10 +268,14 @@ def test_classify_refusals(server):
              ({"images": [image], "labels": ["cat"], "template": "a {} of {kind}"}, "exactly one {}"),
              ({"images": [image], "labels": ["cat"], "top": 0}, "positive integer"),
              ({"images": ["a text, not an image"], "labels": ["cat"]}, "images[0]: "),
+             ({"images": [5], "labels": ["cat"]}, "images[0]: expected a string or a content part object, got int"),
+             ({"images": [image], "labels": ["cat", "\ud83d"]}, "labels[1]: not valid Unicode"),
+             ({"images": [image], "labels": ["cat"], "template": "a {} \udc00"}, "template: not valid Unicode"),
+             ({"query": "\ud800", "candidates": [image]}, "query: not valid Unicode"),
              ({"query": "cat", "candidates": ["dog"]}, None)]
     for body, needle in cases:
         route = "/v1/rank" if "query" in body else "/v1/classify"
-        response = httpx.post(server.url + route, json=body, timeout=60)
+        response = httpx.post(server.url + route, content=json.dumps(body), timeout=60)
         assert response.status_code == 400, (body, response.text)
         if needle:
             assert needle in response.json()["error"]["message"], response.text
@@ -278,7 +295,32 @@ def test_body_limits_json_and_routes(server):
     assert response.status_code == 400 and "not valid JSON" in response.json()["error"]["message"]
     assert httpx.post(server.url + "/v1/embeddings", json=[1, 2], timeout=60).status_code == 400
     assert httpx.get(server.url + "/v1/nothing").status_code == 404
+    assert httpx.get(server.url + "/v1/embeddings").json()["error"]["code"] == "method_not_allowed"
+    assert httpx.head(server.url + "/health").status_code == 200
     assert httpx.get(server.url + "/health").json()["status"] == "ready"
+
+
+def test_client_gone_mid_body_is_a_400_not_a_traceback():
+    """A client that closes its connection half-way through the body (in process: uvicorn would only log
+    the exception): the app answers a 400 (to nobody, but counted) instead of raising ClientDisconnect."""
+    from siglip2_jax.serving.app import ServerSettings, create_app
+
+    app = create_app(None, ServerSettings("m"))
+    app.state.server.ready.set()
+    received = iter([{"type": "http.request", "body": b'{"inp', "more_body": True}])
+    sent = []
+
+    async def receive():
+        return next(received, {"type": "http.disconnect"})
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/v1/embeddings", "raw_path": b"/v1/embeddings", "query_string": b"", "root_path": "",
+             "headers": [(b"content-length", b"100")], "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+    asyncio.run(app(scope, receive, send))
+    assert sent[0]["status"] == 400 and json.loads(sent[1]["body"])["error"]["code"] == "client_disconnected"
 
 
 def test_nothing_compiles_after_ready_and_metrics(server):
@@ -358,9 +400,9 @@ def test_server_fetches_urls_when_allowed(server, image_host, offline):
 
 @pytest.fixture(scope="module")
 def guarded(fixres, cache):
-    """8 devices (the batch split over the mesh), an API key, at most 2 requests in progress."""
-    server = Server(fixres[1], "--max-batch-size", 8, "--max-wait-ms", 200, "--max-queue", 2, devices=8,
-                    cache=cache, env={"SIGLIP2_API_KEY": "sesame"})
+    """8 devices (the batch split over the mesh), an API key, at most 2 requests in progress, 3 s for a body."""
+    server = Server(fixres[1], "--max-batch-size", 8, "--max-wait-ms", 200, "--max-queue", 2, "--body-timeout-s", 3,
+                    devices=8, cache=cache, env={"SIGLIP2_API_KEY": "sesame"})
     yield server
     assert server.stop() == 0
 
@@ -407,6 +449,23 @@ def test_full_queue_is_a_429_with_retry_after(guarded):
     busy = next(r for r in responses if r.status_code == 429)
     assert busy.headers["retry-after"] and busy.json()["error"]["code"] == "queue_full"
     assert httpx.get(guarded.url + "/health").status_code == 200
+
+
+def test_stalled_bodies_lose_their_place_with_a_408(guarded):
+    """Two clients that send half a body and stall fill --max-queue 2; after --body-timeout-s each gets a
+    408 and the server takes requests again."""
+    stalled = [socket.create_connection(("127.0.0.1", guarded.port), timeout=15) for _ in range(2)]
+    for connection in stalled:
+        connection.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sesame\r\n"
+                           b"Content-Length: 100\r\n\r\n{\"inp")
+    headers = {"Authorization": "Bearer sesame"}
+    time.sleep(0.5)
+    assert httpx.post(guarded.url + "/v1/embeddings", json={"input": "x"}, headers=headers).status_code == 429
+    for connection in stalled:
+        with connection:
+            answer = connection.makefile("rb").read().decode()   # until the server closes it
+            assert answer.startswith("HTTP/1.1 408") and "did not arrive within 3 s" in answer, answer
+    assert httpx.post(guarded.url + "/v1/embeddings", json={"input": "x"}, headers=headers).status_code == 200
 
 
 def readme_serving_blocks() -> list[str]:

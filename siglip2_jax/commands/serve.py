@@ -47,6 +47,13 @@ def _non_negative(value: str) -> float:
     return number
 
 
+def _positive(value: str) -> float:
+    number = _non_negative(value)
+    if number == 0:
+        raise argparse.ArgumentTypeError(f"{value}: must be more than 0")
+    return number
+
+
 def register(commands) -> None:
     parser = commands.add_parser(
         "serve", help="serve embeddings and zero-shot classification over HTTP (OpenAI-compatible)",
@@ -69,6 +76,8 @@ def register(commands) -> None:
                         help="largest request body; larger ones get 413 (default %(default)s = 20 MiB)")
     parser.add_argument("--max-inputs-per-request", type=positive_int, default=256,
                         help="most inputs (or labels) in one request (default %(default)s)")
+    parser.add_argument("--body-timeout-s", type=_positive, default=60.0,
+                        help="longest a request body may take to arrive; slower ones get 408 (default %(default)s)")
     parser.add_argument("--api-key", default=os.environ.get("SIGLIP2_API_KEY"),
                         help="require 'Authorization: Bearer KEY' on /v1/* (default: $SIGLIP2_API_KEY; none if unset)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
@@ -119,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
         model_name=args.model_name or str(args.model), api_key=args.api_key or None,
         max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
         max_request_bytes=args.max_request_bytes, max_inputs_per_request=args.max_inputs_per_request,
-        decode_workers=args.decode_workers,
+        body_timeout_s=args.body_timeout_s, decode_workers=args.decode_workers,
         fetch=FetchPolicy(args.allow_url_fetch, args.allow_private_urls, args.fetch_max_bytes, args.fetch_timeout_s))
     serve(pipeline, settings, host=args.host, port=args.port)
     return 0

@@ -7,8 +7,9 @@ model list, health and Prometheus metrics, on FastAPI.
     GET  /v1/models, /health (200 once every batch shape is compiled, else 503), /metrics
 
 Every refusal is one JSON error in OpenAI's shape, {"error": {"message", "type", "param", "code"}},
-with status 400 (bad input, naming its index), 401 (API key), 404 (model or route), 413 (body over the
-limit), 429 (too many requests in progress; with Retry-After) or 503 (starting or stopping).
+with status 400 (bad input, naming its index), 401 (API key), 404 (model or route), 405 (method), 408 (body
+too slow), 413 (body over the limit), 429 (too many requests in progress; with Retry-After) or 503 (starting
+or stopping).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import time
 import jax
 import numpy as np
 from fastapi import FastAPI, Request
+from starlette.requests import ClientDisconnect
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -36,7 +38,7 @@ from .. import __version__
 from ..config import check_template
 from ..pipeline import DEFAULT_TEMPLATE, sigmoid
 from .batcher import DynamicBatcher
-from .inputs import FetchPolicy, ImageRef, InputError, Text, image_bytes, parse_item, parse_items
+from .inputs import FetchPolicy, ImageRef, InputError, Text, checked_text, image_bytes, parse_item, parse_items
 
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
@@ -52,6 +54,7 @@ class ServerSettings:
     max_queue: int = 256
     max_request_bytes: int = 20 << 20
     max_inputs_per_request: int = 256
+    body_timeout_s: float = 60.0   # a client that sends its body slower than this loses its place (408)
     decode_workers: int | None = None  # None: the cores, at most 4
     fetch: FetchPolicy = FetchPolicy()
 
@@ -128,7 +131,7 @@ def create_app(pipeline, settings: ServerSettings) -> FastAPI:
         metrics.latency.labels(name).observe(time.perf_counter() - started)
         return response
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])   # load balancers probe with either
     async def health():
         if state.error:
             return JSONResponse({"status": "error", "error": state.error}, status_code=503)
@@ -177,7 +180,7 @@ def create_app(pipeline, settings: ServerSettings) -> FastAPI:
             if not isinstance(template, str):
                 raise ApiError(400, "template: must be a string with one {} where the label goes", param="template")
             try:
-                check_template(template)
+                check_template(checked_text(template, "template"))
             except ValueError as error:
                 raise ApiError(400, str(error), param="template") from None
             top = _top(body.get("top"), len(labels))
@@ -311,16 +314,32 @@ class _State:
         if declared.isdigit() and int(declared) > limit:
             raise ApiError(413, f"request body of {declared} bytes is over the limit of {limit} bytes",
                            code="request_too_large")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise ApiError(413, f"request body is over the limit of {limit} bytes", code="request_too_large")
-            chunks.append(chunk)
+        chunks = []
+
+        async def read() -> None:
+            size = 0
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise ApiError(413, f"request body is over the limit of {limit} bytes", code="request_too_large")
+                chunks.append(chunk)
+
+        timeout = self.settings.body_timeout_s
+        try:   # a client that stalls mid-body would otherwise hold its --max-queue place for ever
+            await asyncio.wait_for(read(), timeout)
+        except ClientDisconnect:   # nobody to answer; a 400 in the metrics instead of a traceback in the log
+            raise ApiError(400, "the client went away before sending the whole body",
+                           code="client_disconnected") from None
+        except asyncio.TimeoutError:
+            raise ApiError(408, f"the request body did not arrive within {timeout:g} s (--body-timeout-s); got "
+                                f"{sum(map(len, chunks))} bytes", code="request_timeout",
+                           headers={"Connection": "close"}) from None
         try:
             body = json.loads(b"".join(chunks))
         except (ValueError, UnicodeDecodeError) as error:
             raise ApiError(400, f"the request body is not valid JSON ({error})") from None
+        except RecursionError:
+            raise ApiError(400, "the request body is not valid JSON (nested too deeply)") from None
         if not isinstance(body, dict):
             raise ApiError(400, "the request body must be a JSON object")
         return body
@@ -396,6 +415,7 @@ def _labels(labels, limit: int) -> list[str]:
     for i, label in enumerate(labels):
         if not isinstance(label, str) or not label.strip():
             raise ApiError(400, f"labels[{i}]: must be a non-empty string", param=f"labels[{i}]")
+        _parsed(lambda: checked_text(label, f"labels[{i}]"))
         if label in seen:
             raise ApiError(400, f"labels[{i}]: {label!r} is given twice", param=f"labels[{i}]")
         seen.add(label)

@@ -23,6 +23,7 @@ import socket
 from urllib.parse import urljoin, urlsplit
 
 MAX_REDIRECTS = 3
+URL_SAFE = str.maketrans("-_", "+/")
 
 
 class InputError(ValueError):
@@ -55,20 +56,31 @@ class FetchPolicy:
     timeout_s: float = 10.0
 
 
+def checked_text(text: str, name: str) -> str:
+    """`text` itself; raises InputError naming `name` if it holds a lone surrogate (JSON can escape one,
+    "\\ud800", and the tokenizer cannot take it)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise InputError(f"{name}: not valid Unicode: a lone surrogate {text[error.start]!r} at character "
+                         f"{error.start}", name) from None
+    return text
+
+
 def parse_item(item, name: str, strings: str = "text") -> Text | ImageRef:
     """One input: a string or a content part -> Text or ImageRef. A plain string is a text, or with
     strings="image" an image URL (where only images are expected). Raises InputError naming `name`."""
     if isinstance(item, str):
-        return Text(item, name) if strings == "text" else ImageRef(item, name)
+        return Text(checked_text(item, name), name) if strings == "text" else ImageRef(item, name)
     if not isinstance(item, dict):
-        if isinstance(item, (int, list)):
+        if strings == "text" and isinstance(item, (int, list)) and not isinstance(item, bool):
             raise InputError(f"{name}: token id input is not supported; send the text itself", name)
         raise InputError(f"{name}: expected a string or a content part object, got {type(item).__name__}", name)
     kind = item.get("type")
     if kind == "text":
         if not isinstance(item.get("text"), str):
             raise InputError(f"{name}: a text part needs a string 'text'", name)
-        return Text(item["text"], name)
+        return Text(checked_text(item["text"], name), name)
     if kind in ("image_url", "image"):
         value = item.get(kind)
         url = value.get("url") if isinstance(value, dict) else value
@@ -85,7 +97,7 @@ def parse_items(value, name: str, max_items: int, strings: str = "text") -> list
         raise InputError(f"{name}: give at least one input", name)
     if len(items) > max_items:
         raise InputError(f"{name}: {len(items)} inputs, more than the server's limit of {max_items} per request", name)
-    if all(isinstance(i, int) and not isinstance(i, bool) for i in items):
+    if strings == "text" and all(isinstance(i, int) and not isinstance(i, bool) for i in items):
         raise InputError(f"{name}: token id input is not supported; send the text itself", name)
     return [parse_item(item, f"{name}[{i}]" if isinstance(value, list) else name, strings)
             for i, item in enumerate(items)]
@@ -99,14 +111,19 @@ def image_bytes(ref: ImageRef, name: str, policy: FetchPolicy, client=None) -> b
         header, comma, payload = url[5:].partition(",")
         if not comma or not header.lower().endswith(";base64"):
             raise InputError(f"{name}: a data URL must be 'data:<mime>;base64,<data>'", name)
+        # line breaks (MIME, the `base64` tool), the URL-safe alphabet and missing padding are still base64
+        payload = "".join(payload.split()).translate(URL_SAFE)
         try:
-            data = base64.b64decode(payload, validate=True)
+            data = base64.b64decode(payload + "=" * (-len(payload) % 4), validate=True)
         except (binascii.Error, ValueError):
             raise InputError(f"{name}: the data URL's payload is not valid base64", name) from None
         if not data:
             raise InputError(f"{name}: empty image data", name)
         return data
-    scheme = urlsplit(url).scheme.lower()
+    try:
+        scheme = urlsplit(url).scheme.lower()
+    except ValueError as error:   # e.g. "Invalid IPv6 URL"
+        raise InputError(f"{name}: not a valid URL ({error})", name) from None
     if scheme not in ("http", "https"):
         raise InputError(f"{name}: unsupported URL scheme {scheme or url[:16]!r}; send a base64 data URL", name)
     if not policy.allow_urls:
