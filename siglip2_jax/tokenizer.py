@@ -39,6 +39,8 @@ from tokenizers import AddedToken, normalizers
 from .errors import first_line
 
 TEXT_LENGTH = 64  # SigLIP 2 text towers have 64 positions.
+PREFIX_CHARS = 2048  # a text longer than 1.5x this is tokenized in prefixes (`Tokenizer.leading_tokens`)
+PREFIX_MARGIN_TOKENS = 16  # tokens a prefix must hold past the ones kept, so that the cut is far from them
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")  # in order of preference, as in transformers
 LOWERCASE_MODES = ("unicode", "python", "ascii", "none")
 
@@ -152,12 +154,39 @@ class Tokenizer:
         """
         if max_length < 1:
             raise ValueError(f"max_length={max_length}: must leave room for EOS (>= 1)")
-        rows = self.tokenize(texts)
+        rows = self.leading_tokens(texts, max_length - 1)
         ids = np.full((len(rows), max_length), self.pad_id, dtype=np.int32)
         for row, tokens in enumerate(rows):
-            tokens = tokens[: max_length - 1] + [self.eos_id]
+            tokens = tokens + [self.eos_id]
             ids[row, : len(tokens)] = tokens
         return ids
+
+    def leading_tokens(self, texts: str | Sequence[str], count: int) -> list[list[int]]:
+        """The first `count` token ids of each text, as `tokenize(texts)[i][:count]`, in time and memory
+        that do not grow with a long text's length (the whole of a 2 MB text took 7 s and 300 MB).
+
+        A long text is tokenized in two prefixes, of `chars` and 1.5 `chars` characters. A cut changes only
+        the tokens next to it (a BPE merge joins neighbours; one across the cut can only change the tokens
+        it touches and those its new pieces then join), so when both prefixes give at least `count` +
+        PREFIX_MARGIN_TOKENS tokens and agree on the first `count`, those are the text's. Otherwise the
+        prefixes grow 4x, up to the whole text."""
+        texts = _as_list(texts)
+        rows: list[list[int] | None] = [None] * len(texts)
+        pending, chars = list(range(len(texts))), PREFIX_CHARS
+        while pending:
+            whole = [i for i in pending if len(texts[i]) <= chars * 3 // 2]
+            for i, tokens in zip(whole, self.tokenize([texts[i] for i in whole])):
+                rows[i] = tokens[:count]
+            long = [i for i in pending if len(texts[i]) > chars * 3 // 2]
+            cuts = self.tokenize([texts[i][:n] for i in long for n in (chars, chars * 3 // 2)])
+            pending = []
+            for i, short, longer in zip(long, cuts[::2], cuts[1::2]):
+                if min(len(short), len(longer)) >= count + PREFIX_MARGIN_TOKENS and short[:count] == longer[:count]:
+                    rows[i] = short[:count]
+                else:
+                    pending.append(i)
+            chars *= 4
+        return rows
 
     __call__ = encode
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import siglip2_jax.tokenizer as tokenizer_module
 from siglip2_jax.tokenizer import TEXT_LENGTH, Tokenizer
 from vocab import BOS, EOS, PAD, UNK, corpus
 
@@ -117,6 +118,36 @@ def test_ids_equal_transformers_siglip2_tokenizer(vocab_dirs, hf_siglip2, source
     _assert_same_rows(tokenizer.encode(STRINGS), _hf_ids(hf_siglip2, STRINGS), STRINGS)
 
 
+@pytest.mark.parametrize("lowercase", ["unicode", "python"])
+def test_texts_tokenized_in_prefixes_equal_transformers(vocab_dirs, hf_siglip2, hf_gemma, lowercase, monkeypatch):
+    """Long texts are tokenized in prefixes (`leading_tokens`). With prefixes of 24 characters, nearly every
+    test string is cut, at every kind of place (inside words, whitespace runs, special tokens, surrogate
+    pairs' characters, final sigmas), and the ids must still be transformers'."""
+    monkeypatch.setattr(tokenizer_module, "PREFIX_CHARS", 24)
+    tokenizer = Tokenizer.from_dir(vocab_dirs["model"], lowercase=lowercase)
+    if lowercase == "unicode":
+        reference = _hf_ids(hf_siglip2, STRINGS)
+    else:
+        reference = _hf_ids(hf_gemma, [s.lower() for s in STRINGS])
+    _assert_same_rows(tokenizer.encode(STRINGS), reference, STRINGS)
+
+
+def test_a_long_text_costs_what_its_first_tokens_cost(vocab_dirs, monkeypatch):
+    """A 2 MB text (one line of a texts file, or an input of a request) is not tokenized whole: the
+    backend only ever sees a few thousand characters of it."""
+    tokenizer = Tokenizer.from_dir(vocab_dirs["model"])
+    seen = []
+    encode_batch = tokenizer._backend.encode_batch
+    monkeypatch.setattr(tokenizer, "_backend", type("Spy", (), {
+        "encode_batch": lambda self, texts, **kw: seen.extend(map(len, texts)) or encode_batch(texts, **kw)})())
+    texts = ["a photo of a cat " * 120_000, "猫" * 2_000_000, " " * 2_000_000, "Short."]
+    ids = tokenizer.encode(texts)
+    assert max(seen) <= 8 * tokenizer_module.PREFIX_CHARS, max(seen)
+    # the first row's 63 tokens are the start of the repeated caption, then EOS
+    assert ids[0, -1] == EOS and ids[3].tolist().count(EOS) == 1
+    assert ids[0, :63].tolist() == tokenizer.tokenize(["a photo of a cat " * 20])[0][:63]
+
+
 def test_python_lowercase_equals_gemma_tokenizer_fed_lowercased_text(vocab_dirs, hf_gemma):
     # The FixRes hub recipe: AutoTokenizer gives a GemmaTokenizer and the caller lowercases.
     tokenizer = Tokenizer.from_dir(vocab_dirs["model"], lowercase="python")
@@ -182,6 +213,8 @@ def test_real_gemma_vocabulary(tmp_path):
     assert (tokenizer.pad_id, tokenizer.eos_id, tokenizer.bos_id, tokenizer.unk_id) == (PAD, EOS, BOS, UNK)
     hf = transformers.Siglip2Tokenizer.from_pretrained(tmp_path, **HF_BUILD)
     _assert_same_rows(tokenizer.encode(STRINGS), _hf_ids(hf, STRINGS), STRINGS)
+    long = [s * (4000 // len(s) + 1) for s in STRINGS[::7] if s]   # past 1.5 PREFIX_CHARS: cut in prefixes
+    _assert_same_rows(tokenizer.encode(long), _hf_ids(hf, long), long)
     hf.save_pretrained(tmp_path / "json")
     _assert_same_rows(Tokenizer.from_dir(tmp_path / "json").encode(STRINGS), _hf_ids(hf, STRINGS), STRINGS)
 
