@@ -178,6 +178,17 @@ def test_unknown_model_one_line_exit_2(tmp_path, odd_images):
     assert "`hf download google/siglip2-base-patch16-224 --local-dir" in offline.stderr  # huggingface-cli is gone
 
 
+def test_mistyped_flag_points_at_the_commands_help(capsys):
+    # argparse left the stray flag to the top-level parser, whose --help does not list the command's flags
+    from siglip2_jax.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["search", "out/photos", "a dog", "--topk", "3"])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == ("siglip2-jax search: error: unrecognized arguments: --topk 3 "
+                                       "(see `siglip2-jax search --help`)\n")
+
+
 def test_help_teaches():
     for args in ([], ["classify"]):
         run = cli(*args, "--help")
