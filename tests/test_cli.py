@@ -189,6 +189,14 @@ def test_mistyped_flag_points_at_the_commands_help(capsys):
                                        "(see `siglip2-jax search --help`)\n")
 
 
+def test_port_out_of_range_is_refused_before_the_model_loads(capsys):
+    from siglip2_jax.cli import main
+
+    with pytest.raises(SystemExit):  # it was accepted: the server compiled, said ready, and listened nowhere
+        main(["serve", "ckpt/b16-224", "--port", "99999"])
+    assert "argument --port: 99999: must be at most 65535" in capsys.readouterr().err
+
+
 def test_help_teaches():
     for args in ([], ["classify"]):
         run = cli(*args, "--help")

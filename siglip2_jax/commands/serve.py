@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from . import CommandError, int_at_least, positive_int
+from . import CommandError, positive_int
 
 EPILOG = """\
 endpoints (OpenAI-compatible where OpenAI has one):
@@ -47,6 +47,13 @@ def _non_negative(value: str) -> float:
     return number
 
 
+def _port(value: str) -> int:
+    port = positive_int(value)
+    if port > 65535:  # was accepted: the server compiled, said it was ready, and listened nowhere
+        raise argparse.ArgumentTypeError(f"{port}: must be at most 65535")
+    return port
+
+
 def register(commands) -> None:
     parser = commands.add_parser(
         "serve", help="serve embeddings and zero-shot classification over HTTP (OpenAI-compatible)",
@@ -56,7 +63,7 @@ def register(commands) -> None:
     parser.add_argument("model", metavar="MODEL", help="siglip2-jax checkpoint dir, Hugging Face dir or hub id")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s; "
                                                              "0.0.0.0 for every interface)")
-    parser.add_argument("--port", type=int_at_least(1), default=8000, help="port (default %(default)s)")
+    parser.add_argument("--port", type=_port, default=8000, help="port (default %(default)s)")
     parser.add_argument("--model-name", default=None, help="the id clients send as 'model' (default: MODEL as given)")
     parser.add_argument("--max-batch-size", type=positive_int, default=32,
                         help="most inputs of one kind per model batch; every bucket up to it is compiled at "
