@@ -197,6 +197,19 @@ def test_port_out_of_range_is_refused_before_the_model_loads(capsys):
     assert "argument --port: 99999: must be at most 65535" in capsys.readouterr().err
 
 
+def test_every_default_is_in_the_help():
+    # serve's --dtype and --fetch-* and convert's --dtype had defaults that only the code told
+    import argparse
+
+    from siglip2_jax.cli import build_parser
+
+    unsaid = [(name, action.option_strings[0]) for name, command in build_parser().commands.choices.items()
+              for action in command._actions
+              if action.option_strings and action.default not in (None, False, [], argparse.SUPPRESS)
+              and len(action.choices or ()) != 1 and "default" not in (action.help or "")]
+    assert unsaid == []
+
+
 def test_help_teaches():
     for args in ([], ["classify"]):
         run = cli(*args, "--help")

@@ -78,7 +78,8 @@ def register(commands) -> None:
                         help="most inputs (or labels) in one request (default %(default)s)")
     parser.add_argument("--api-key", default=os.environ.get("SIGLIP2_API_KEY"),
                         help="require 'Authorization: Bearer KEY' on /v1/* (default: $SIGLIP2_API_KEY; none if unset)")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="compute dtype (default %(default)s; bfloat16: bf16 matmuls with float32 accumulation)")
     parser.add_argument("--max-num-patches", type=positive_int, default=None,
                         help="NaFlex models: patch budget per image (default: the checkpoint's, else 256)")
     parser.add_argument("--image-size", type=positive_int, default=None,
@@ -92,8 +93,10 @@ def register(commands) -> None:
                         help="fetch http(s) image URLs named in requests (public addresses only)")
     parser.add_argument("--allow-private-urls", action="store_true",
                         help="with --allow-url-fetch, also fetch from loopback/private addresses (tests only)")
-    parser.add_argument("--fetch-max-bytes", type=positive_int, default=20 << 20, help="largest fetched image")
-    parser.add_argument("--fetch-timeout-s", type=_non_negative, default=10.0, help="timeout of one fetch")
+    parser.add_argument("--fetch-max-bytes", type=positive_int, default=20 << 20,
+                        help="largest fetched image, in bytes (default %(default)s = 20 MiB)")
+    parser.add_argument("--fetch-timeout-s", type=_non_negative, default=10.0,
+                        help="timeout of one fetch, in seconds (default %(default)s)")
 
 
 def subject(args: argparse.Namespace) -> str:
