@@ -52,11 +52,15 @@ def build_parser() -> argparse.ArgumentParser:
     commands.required = True
     for name in COMMANDS:
         command_module(name).register(commands)
+    parser.commands = commands  # each command's parser, by name (`main` reports a stray flag with it)
     return parser
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # named by the command's parser, whose --help lists the flag that was meant
+        parser.commands.choices[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     return run_command(args.command, args)
 
 

@@ -398,7 +398,8 @@ class ImagePreprocessor:
                 fail("size", "not a square of whole pixels (FixRes models take square images)")
             if image_size is None and size["height"] != vision.image_size:
                 fail("size", f"the model takes {vision.image_size}x{vision.image_size} images (pass "
-                             f"image_size={size['height']} to run it at that size)")
+                             f"image_size={size['height']}, or --image-size {size['height']} to a command, to run "
+                             f"it at that size)")
         return cls(image_size=vision.image_size if image_size is None else image_size,
                    patch_size=vision.patch_size, **common)
 

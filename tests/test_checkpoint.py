@@ -114,6 +114,11 @@ def test_offline_hub_id_says_what_to_do(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(SourceError, match="pass the local directory"):
         convert("google/not-a-real-siglip2-model", tmp_path / "out")
+    # a mistyped local path has a hub id's form: the message must not read as a download problem only
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ckpt").mkdir()
+    with pytest.raises(SourceError, match=r"^ckpt/b16-22: no such file or directory, and could not download"):
+        convert("ckpt/b16-22", tmp_path / "out")
 
 
 def test_orbax_round_trip_is_bitwise(hf_dir, tmp_path):

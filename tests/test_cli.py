@@ -178,6 +178,38 @@ def test_unknown_model_one_line_exit_2(tmp_path, odd_images):
     assert "`hf download google/siglip2-base-patch16-224 --local-dir" in offline.stderr  # huggingface-cli is gone
 
 
+def test_mistyped_flag_points_at_the_commands_help(capsys):
+    # argparse left the stray flag to the top-level parser, whose --help does not list the command's flags
+    from siglip2_jax.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["search", "out/photos", "a dog", "--topk", "3"])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == ("siglip2-jax search: error: unrecognized arguments: --topk 3 "
+                                       "(see `siglip2-jax search --help`)\n")
+
+
+def test_port_out_of_range_is_refused_before_the_model_loads(capsys):
+    from siglip2_jax.cli import main
+
+    with pytest.raises(SystemExit):  # it was accepted: the server compiled, said ready, and listened nowhere
+        main(["serve", "ckpt/b16-224", "--port", "99999"])
+    assert "argument --port: 99999: must be at most 65535" in capsys.readouterr().err
+
+
+def test_every_default_is_in_the_help():
+    # serve's --dtype and --fetch-* and convert's --dtype had defaults that only the code told
+    import argparse
+
+    from siglip2_jax.cli import build_parser
+
+    unsaid = [(name, action.option_strings[0]) for name, command in build_parser().commands.choices.items()
+              for action in command._actions
+              if action.option_strings and action.default not in (None, False, [], argparse.SUPPRESS)
+              and len(action.choices or ()) != 1 and "default" not in (action.help or "")]
+    assert unsaid == []
+
+
 def test_help_teaches():
     for args in ([], ["classify"]):
         run = cli(*args, "--help")

@@ -173,6 +173,13 @@ def test_values_not_implemented_are_refused_in_one_line_naming_the_field(tmp_pat
     assert "\n" not in message and "preprocessor_config.json" in message and field in message
 
 
+def test_a_size_not_the_models_says_how_to_run_at_it(tmp_path):
+    # the hint named only load's image_size=, not the commands' flag
+    _write(tmp_path, {**HUB_FIXRES, "size": {"height": 128, "width": 128}})
+    with pytest.raises(ConfigError, match=r"pass image_size=128, or --image-size 128 to a command, to run it"):
+        ImagePreprocessor.from_dir(tmp_path, FIXRES)
+
+
 def test_do_convert_rgb_false_refuses_other_modes(tmp_path):
     _write(tmp_path, {**HUB_FIXRES, "do_convert_rgb": False})
     preprocessor = ImagePreprocessor.from_dir(tmp_path, FIXRES)

@@ -13,6 +13,8 @@ random checkpoint of `conftest.fixres` (no test may download). Marks on the line
 from __future__ import annotations
 
 import dataclasses
+import re
+import shlex
 import shutil
 from pathlib import Path
 
@@ -122,3 +124,22 @@ def test_readme_python_blocks_run(run, layout, fixres, tmp_path, monkeypatch):
     for block in run:
         code = block.code.replace(f'"{HUB_ID}"', repr(str(fixres[1])))  # the one change: the model path
         exec(compile(code, f"README.md:{block.line} ({block.section})", "exec"), namespace)
+
+
+def test_classify_output_shown_is_what_the_tiny_checkpoint_prints(tmp_path, monkeypatch, capsys):
+    """`## Use` shows the output of `classify` on the `ckpt/tiny-random` that `## Set up` makes, as real
+    output: the recipe run here, then the command. (Its vocabulary was learned from README.md itself, so
+    every edit of the README changed the figures.)"""
+    from siglip2_jax.cli import main
+
+    text = (ROOT / "README.md").read_text()
+    console = re.search(r"```console\n\$ (siglip2-jax classify ckpt/tiny-random .*?)\n(.*?)```", text, re.S)
+    command, shown = console.groups()
+    recipe = next(block for block in python_blocks(text) if 'convert("hf/tiny-random"' in block.code)
+    shutil.copytree(ROOT / "samples", tmp_path / "samples")
+    shutil.copy(ROOT / "README.md", tmp_path / "README.md")
+    monkeypatch.chdir(tmp_path)
+    exec(compile(recipe.code, f"README.md:{recipe.line}", "exec"), {"__name__": "__readme__"})
+    capsys.readouterr()
+    assert main(shlex.split(command)[1:]) == 0
+    assert capsys.readouterr().out == shown

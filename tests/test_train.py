@@ -239,6 +239,10 @@ def test_killed_run_resumes_bitwise_identical_to_an_uninterrupted_one(tiny_model
     assert [r["step"] for r in records if "step" in r] == [1, 2, 3, 4, 5, 6]  # each step once
     skipped = (tmp_path / "killed" / "skipped_images.jsonl").read_text().splitlines()
     assert len(skipped) == 1 and (first.stderr + second.stderr + err).count("skipped: ") == 1
+    # the same command once more: nothing is left to train, and it says so (it printed "final loss nan")
+    status, out, _ = run_cli(capsys, *as_flags(killed))
+    assert status == 0, out
+    assert out.splitlines()[-1] == f"already trained 6 steps; exported {tmp_path / 'killed' / 'model'}", out
 
     # the export is an ordinary inference checkpoint, tokenizer included, and it changed
     model = siglip2_jax.load(tmp_path / "straight" / "model")

@@ -17,7 +17,8 @@ class SourceError(ValueError):
 
 def resolve_source(source: str | Path) -> Path:
     """A local directory as is; otherwise a hub id ("google/siglip2-base-patch16-224"), downloaded
-    (safetensors only, never pickles) into the Hugging Face cache."""
+    (safetensors only, never pickles) into the Hugging Face cache. Raises WeightsError for a pickle file,
+    SourceError for another file, or for a path that does not exist and is no hub id it can download."""
     path = Path(source).expanduser()
     if path.exists():
         if path.is_file():
@@ -27,13 +28,14 @@ def resolve_source(source: str | Path) -> Path:
         return path
     text = str(source)
     if text.count("/") != 1 or text.startswith((".", "/", "~")):
-        raise SourceError(f"{source}: no such directory, and not a hub id of the form owner/name")
+        raise SourceError(f"{source}: no such file or directory, and not a hub id of the form owner/name")
     try:
         from huggingface_hub import snapshot_download
         return Path(snapshot_download(text, allow_patterns=HUB_FILES))
     except Exception as err:  # the hub raises many types; all mean the same thing to the user
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise SourceError(
-            f"{source}: could not download from the Hugging Face hub ({reason}). Offline? Download it "
-            f"elsewhere (`hf download {source} --local-dir {text.split('/')[1]}`) and pass the local directory "
-            f"instead.") from None
+            # a mistyped local path (ckpt/b16-22) looks like a hub id too: say first that it is not a local one
+            f"{source}: no such file or directory, and could not download it from the Hugging Face hub ({reason}). "
+            f"Offline? Download it elsewhere (`hf download {source} --local-dir {text.split('/')[1]}`) and pass "
+            f"the local directory instead.") from None

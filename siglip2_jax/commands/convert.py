@@ -50,7 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                    "or big_vision .npz")
     parser.add_argument("out", metavar="OUT", help="output checkpoint directory")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                        help="storage dtype of the big weights (patch/position embeddings and norms stay float32)")
+                        help="storage dtype of the big weights (default %(default)s; patch/position embeddings and norms "
+                             "stay float32)")
     parser.add_argument("--verify", action="store_true", help="compare against transformers afterwards (needs torch)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")

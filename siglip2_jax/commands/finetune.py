@@ -71,9 +71,12 @@ def run(args: argparse.Namespace) -> int:
     # preemptible machines get SIGTERM: finetune treats it like Ctrl-C (a checkpoint at the end of the step)
     distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
     result = train.finetune(settings)  # the package's name, looked up now: a caller may have replaced it
-    last = result.history[-1]["loss"] if result.history else float("nan")
     hf = f" and {Path(settings.out) / 'model-hf'} (Hugging Face format)" if settings.export_hf else ""
-    print(f"trained {result.trainer.step} steps (final loss {last:.4f}); exported {result.exported}{hf}")
+    if result.history:
+        print(f"trained {result.trainer.step} steps (final loss {result.history[-1]['loss']:.4f}); "
+              f"exported {result.exported}{hf}")
+    else:  # OUT had finished already: no step ran, so there is no loss to show
+        print(f"already trained {result.trainer.step} steps; exported {result.exported}{hf}")
     return 0
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from . import CommandError, int_at_least, positive_int
+from . import CommandError, positive_int
 
 EPILOG = """\
 endpoints (OpenAI-compatible where OpenAI has one):
@@ -54,6 +54,13 @@ def _positive(value: str) -> float:
     return number
 
 
+def _port(value: str) -> int:
+    port = positive_int(value)
+    if port > 65535:  # was accepted: the server compiled, said it was ready, and listened nowhere
+        raise argparse.ArgumentTypeError(f"{port}: must be at most 65535")
+    return port
+
+
 def register(commands) -> None:
     parser = commands.add_parser(
         "serve", help="serve embeddings and zero-shot classification over HTTP (OpenAI-compatible)",
@@ -63,7 +70,7 @@ def register(commands) -> None:
     parser.add_argument("model", metavar="MODEL", help="siglip2-jax checkpoint dir, Hugging Face dir or hub id")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s; "
                                                              "0.0.0.0 for every interface)")
-    parser.add_argument("--port", type=int_at_least(1), default=8000, help="port (default %(default)s)")
+    parser.add_argument("--port", type=_port, default=8000, help="port (default %(default)s)")
     parser.add_argument("--model-name", default=None, help="the id clients send as 'model' (default: MODEL as given)")
     parser.add_argument("--max-batch-size", type=positive_int, default=32,
                         help="most inputs of one kind per model batch; every bucket up to it is compiled at "
@@ -80,7 +87,8 @@ def register(commands) -> None:
                         help="longest a request body may take to arrive; slower ones get 408 (default %(default)s)")
     parser.add_argument("--api-key", default=os.environ.get("SIGLIP2_API_KEY"),
                         help="require 'Authorization: Bearer KEY' on /v1/* (default: $SIGLIP2_API_KEY; none if unset)")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="compute dtype (default %(default)s; bfloat16: bf16 matmuls with float32 accumulation)")
     parser.add_argument("--max-num-patches", type=positive_int, default=None,
                         help="NaFlex models: patch budget per image (default: the checkpoint's, else 256)")
     parser.add_argument("--image-size", type=positive_int, default=None,
@@ -94,8 +102,10 @@ def register(commands) -> None:
                         help="fetch http(s) image URLs named in requests (public addresses only)")
     parser.add_argument("--allow-private-urls", action="store_true",
                         help="with --allow-url-fetch, also fetch from loopback/private addresses (tests only)")
-    parser.add_argument("--fetch-max-bytes", type=positive_int, default=20 << 20, help="largest fetched image")
-    parser.add_argument("--fetch-timeout-s", type=_non_negative, default=10.0, help="timeout of one fetch")
+    parser.add_argument("--fetch-max-bytes", type=positive_int, default=20 << 20,
+                        help="largest fetched image, in bytes (default %(default)s = 20 MiB)")
+    parser.add_argument("--fetch-timeout-s", type=_non_negative, default=10.0,
+                        help="timeout of one fetch, in seconds (default %(default)s)")
 
 
 def subject(args: argparse.Namespace) -> str:
