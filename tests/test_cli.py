@@ -197,6 +197,22 @@ def test_port_out_of_range_is_refused_before_the_model_loads(capsys):
     assert "argument --port: 99999: must be at most 65535" in capsys.readouterr().err
 
 
+def test_port_in_use_is_one_line_before_the_model_loads(tmp_path, capsys):
+    """uvicorn found a taken port only after the model had loaded and compiled, then aborted (SIGABRT)."""
+    import socket
+
+    from siglip2_jax.cli import main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        # no model at this path: the port is checked first, so the model is never looked at
+        assert main(["serve", str(tmp_path / "no-model"), "--port", str(port)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"cannot listen on 127.0.0.1:{port}" in err and "in use" in err and len(err.splitlines()) == 1, err
+
+
 def test_every_default_is_in_the_help():
     # serve's --dtype and --fetch-* and convert's --dtype had defaults that only the code told
     import argparse

@@ -125,11 +125,15 @@ def run(args: argparse.Namespace) -> int:
     from ..pipeline import load
     from ..serving.app import ServerSettings
     from ..serving.inputs import FetchPolicy
-    from ..serving.server import serve
+    from ..serving.server import bound_socket, serve
     from ..sharding import make_mesh
 
     if args.allow_private_urls and not args.allow_url_fetch:
         raise CommandError("--allow-private-urls needs --allow-url-fetch")
+    try:
+        listener = bound_socket(args.host, args.port)
+    except OSError as error:
+        raise CommandError(f"cannot listen on {args.host}:{args.port}: {error.strerror or error}") from None
     several = args.model_parallel > 1 or jax.local_device_count() > 1
     mesh = make_mesh(model_parallel=args.model_parallel) if several else None
     pipeline = load(args.model, dtype=getattr(jnp, args.dtype), mesh=mesh, max_num_patches=args.max_num_patches,
@@ -140,5 +144,5 @@ def run(args: argparse.Namespace) -> int:
         max_request_bytes=args.max_request_bytes, max_inputs_per_request=args.max_inputs_per_request,
         body_timeout_s=args.body_timeout_s, decode_workers=args.decode_workers,
         fetch=FetchPolicy(args.allow_url_fetch, args.allow_private_urls, args.fetch_max_bytes, args.fetch_timeout_s))
-    serve(pipeline, settings, host=args.host, port=args.port)
+    serve(pipeline, settings, listener)
     return 0

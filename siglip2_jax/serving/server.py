@@ -4,29 +4,47 @@
 from __future__ import annotations
 
 import signal
+import socket
 import sys
 import time
 
 
-def serve(pipeline, settings, *, host: str, port: int) -> None:
-    """Serves `pipeline` (a loaded `Siglip2Pipeline`) with `settings` (a `ServerSettings`) on host:port until
-    SIGTERM or Ctrl-C, then answers the requests in progress and returns."""
+def serve(pipeline, settings, listener: socket.socket) -> None:
+    """Serves `pipeline` (a loaded `Siglip2Pipeline`) with `settings` (a `ServerSettings`) on `listener` (from
+    `bound_socket`) until SIGTERM or Ctrl-C, then answers the requests in progress and returns."""
     import uvicorn
 
     from .app import create_app
 
+    host, port = listener.getsockname()[:2]
+    host = f"[{host}]" if ":" in host else host
     print(f"siglip2-jax serve: {settings.model_name} on http://{host}:{port}; compiling every batch "
           f"shape first (GET /health turns 200 when ready)", file=sys.stderr, flush=True)
     app = create_app(pipeline, settings)
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=60)
+    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=60)
     # uvicorn re-raises the signal that stopped it once it is done; with these no-op handlers in place
     # the re-raised signal does nothing and a clean shutdown exits 0
     previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        _draining_server(config, app.state.server).run()
+        _draining_server(config, app.state.server).run(sockets=[listener])
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def bound_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to host:port, not yet listening (uvicorn listens once the app starts, so until then
+    clients are refused rather than queued). Made before the model loads: a port in use is then one OSError
+    at once, where uvicorn would find out only after compiling, and abort the process."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as uvicorn: restart while old connections linger
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def _draining_server(config, state):
@@ -92,7 +110,6 @@ def refuse_new_connections(sock) -> None:
     if not sys.platform.startswith("linux"):
         return
     import ctypes
-    import socket
     import struct
 
     program = [(0x30, 0, 0, 13),           # ldb [13]: the TCP flags
@@ -112,7 +129,6 @@ def refuse_new_connections(sock) -> None:
 def accept_queue(sock) -> int:
     """Connections waiting in the listening socket `sock`'s accept queue: Linux reports it in TCP_INFO's
     tcpi_unacked field for a listener (bytes 24-27). 0 where that is not available."""
-    import socket
     import struct
     try:
         info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
