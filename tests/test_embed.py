@@ -295,8 +295,9 @@ def test_bfloat16_compute(fixres, model8, photos, tmp_path):
 
 def test_texts_and_list_files(model8, photos, tmp_path):
     root, paths = photos
-    captions = ["a photo of a cat", "", "A DOG", "café crème " * 30, "a photo of a cat"]
-    (tmp_path / "captions.txt").write_text("\n".join(captions) + "\n")
+    # U+2028 and form feeds stay inside their caption; the byte-order mark of a Windows editor is dropped
+    captions = ["a photo of a cat", "", "A DOG", "café crème " * 30, "a photo of a cat", "two\u2028lines\x0cand a feed"]
+    (tmp_path / "captions.txt").write_text("\ufeff" + "\n".join(captions) + "\n", encoding="utf-8")
     result = embed(model8, tmp_path / "captions.txt", tmp_path / "texts", texts=True, batch_size=2, part_size=3,
                    workers=0, progress=False)
     names, stored = read_embeddings(result.out)
