@@ -23,6 +23,7 @@ import siglip2_jax
 from siglip2_jax.cli import main
 from siglip2_jax.data import make_loader
 from siglip2_jax.embed import EmbedError, embed, read_embeddings, read_manifest
+from siglip2_jax.search import top_k_scores
 from siglip2_jax.sharding import make_mesh
 from conftest import cli, png_header_only
 
@@ -320,6 +321,32 @@ def test_unfinished_output_is_refused_by_the_reader(model8, photos, tmp_path):
         read_embeddings(out)
     paths, array = read_embeddings(out, partial=True)
     assert len(paths) == array.shape[0] == 13 - 4
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (lambda npy, index: npy.write_bytes(npy.read_bytes()[:100]), r"000001\.npy: corrupt part \(EOF"),
+    (lambda npy, index: np.save(npy, np.zeros((4, 3), np.float32)), r"000001\.npy: corrupt part \(holds float32 \(4, 3\)"),
+    (lambda npy, index: index.write_text("{"), r"000001\.json: corrupt part"),
+])
+def test_damaged_part_is_refused_by_resume_search_and_reader(model8, photos, tmp_path, damage, reason):
+    """A part damaged after it was written (disk, a careless copy): every reader names it and says how to
+    redo it; a resumed run refuses it instead of reporting success; the other parts are kept."""
+    root, _ = photos
+    out = embed(model8, root, tmp_path / "out", batch_size=4, part_size=4, workers=0, progress=False).out
+    _, whole = read_embeddings(out)
+    with pytest.raises(EmbedError, match=r"-wide embeddings; the query is \(3,\)"):  # a query of another model
+        top_k_scores(out, whole[0, :3], 3)
+    damage(*(out / "parts" / f"000001.{ext}" for ext in ("npy", "json")))
+    with pytest.raises(EmbedError, match=reason + ".*delete 000001.npy and 000001.json"):
+        read_embeddings(out)
+    with pytest.raises(EmbedError, match=reason):
+        top_k_scores(out, whole[0], 3)
+    with pytest.raises(EmbedError, match=reason):
+        embed(model8, root, out, batch_size=4, part_size=4, workers=0, progress=False)
+    for ext in ("npy", "json"):  # as the message says: the part is embedded again, the others kept
+        (out / "parts" / f"000001.{ext}").unlink()
+    assert embed(model8, root, out, batch_size=4, part_size=4, workers=0, progress=False).exit_status == 0
+    assert np.array_equal(read_embeddings(out)[1], whole)
 
 
 def test_loader_shards_shuffles_per_epoch_and_workers_change_nothing():
