@@ -60,6 +60,51 @@ def test_corrupt_file_is_refused_naming_it(hf_dir, tmp_path, content):
         load_hf_params(broken)
 
 
+def _safetensors_with(hf_dir, tmp_path, change):
+    """A copy of hf_dir whose model.safetensors header is replaced by change(header) (a dict, or bytes)."""
+    import struct
+
+    broken = copy_dir(hf_dir, tmp_path / "broken")
+    data = (broken / "model.safetensors").read_bytes()
+    size = struct.unpack("<Q", data[:8])[0]
+    header = change(json.loads(data[8: 8 + size]))
+    header = header if isinstance(header, bytes) else json.dumps(header).encode()
+    (broken / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + data[8 + size:])
+    return broken
+
+
+@pytest.mark.parametrize("change, message", [
+    # numpy's product of these dimensions wraps around to 0 bytes, which the header then "has"
+    (lambda h: {**h, "logit_bias": {"dtype": "F32", "shape": [2**32, 2**32], "data_offsets": [0, 0]}}, "0 bytes for shape"),
+    (lambda h: {**h, "logit_bias": {"dtype": "F32", "shape": [-2, 2], "data_offsets": [16, 0]}}, "for shape \\(-2, 2\\)"),
+    (lambda h: {**h, "logit_bias": {**h["logit_bias"], "dtype": "I32"}}, "logit_bias is stored as int32; weights are floating"),
+    (lambda h: b"[" * 100_000 + b"]" * 100_000, "corrupt safetensors header"),  # RecursionError in json
+])
+def test_lying_header_is_refused_naming_the_file(hf_dir, tmp_path, change, message):
+    broken = _safetensors_with(hf_dir, tmp_path, change)
+    with pytest.raises(WeightsError, match=r"broken/model\.safetensors: .*" + message):
+        load_hf_params(broken)
+
+
+@pytest.mark.parametrize("index, message", [
+    (b'{"weight_map": {"logit_bias": ["model.safetensors"]}}', "weight_map is not"),
+    (b'{"weight_map": "\xff"}', "can't decode byte 0xff"),
+])
+def test_bad_safetensors_index_is_refused_naming_it(hf_dir, tmp_path, index, message):
+    broken = copy_dir(hf_dir, tmp_path / "broken")
+    (broken / "model.safetensors.index.json").write_bytes(index)
+    with pytest.raises(WeightsError, match=r"model\.safetensors\.index\.json: not a valid safetensors index \(.*" + message):
+        load_hf_params(broken)
+
+
+def test_orbax_item_without_metadata_is_refused_naming_it(hf_dir, tmp_path):
+    out = tmp_path / "ours"
+    convert(hf_dir, out)
+    (out / "params" / "vision" / "_METADATA").unlink()  # a copy or a deletion stopped half way
+    with pytest.raises(ConfigError, match=r"params/vision: no Orbax metadata"):
+        restore_params(out)
+
+
 def test_wrong_width_names_key_file_and_both_shapes(hf_dir, tmp_path):
     broken = copy_dir(hf_dir, tmp_path / "broken")
     config = json.loads((broken / "config.json").read_text())

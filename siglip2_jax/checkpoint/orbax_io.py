@@ -21,6 +21,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from ..config import ConfigError, Siglip2Config
+from ..errors import first_line
 from ..model.build import flat_param_shapes
 from ..params import Layout, flatten, nest, to_layout
 
@@ -199,6 +200,16 @@ def _release_freed_memory() -> None:
 
 
 def _metadata_tree(checkpointer, path: Path) -> dict:
-    meta = checkpointer.metadata(path)
+    """The item's tree of array metadata. Raises ConfigError naming the item if it has none (its _METADATA
+    file deleted or damaged: Orbax then returns None or raises)."""
+    try:
+        meta = checkpointer.metadata(path)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ConfigError(f"{path}: unreadable Orbax metadata ({first_line(error)}); incomplete checkpoint? "
+                          "Convert it again") from None
     tree = getattr(meta, "item_metadata", meta)
-    return getattr(tree, "tree", tree)
+    tree = getattr(tree, "tree", tree)
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: no Orbax metadata (_METADATA missing or damaged); incomplete checkpoint? "
+                          "Convert it again")
+    return tree
