@@ -26,6 +26,7 @@ import io
 import json
 import math
 import numbers
+import warnings
 from pathlib import Path
 from typing import NamedTuple, Sequence, Union
 
@@ -116,8 +117,10 @@ def to_rgb(image: Image.Image) -> Image.Image:
 def _decode(file, name: str) -> Image.Image:
     """Opens an encoded image, refusing decompression bombs before any pixel is decoded."""
     try:
-        image = Image.open(file)  # reads the header only
-        image.seek(0)  # the first frame of an animated image
+        with warnings.catch_warnings():  # PIL warns over MAX_IMAGE_PIXELS; refused below, in one line
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(file)  # reads the header only
+            image.seek(0)  # the first frame of an animated image
     except UnidentifiedImageError:
         raise ImageError(f"{name}: not an image (cannot identify image file)") from None
     except Image.DecompressionBombError as error:  # PIL's own limit, twice MAX_IMAGE_PIXELS
