@@ -349,6 +349,28 @@ def test_damaged_part_is_refused_by_resume_search_and_reader(model8, photos, tmp
     assert np.array_equal(read_embeddings(out)[1], whole)
 
 
+def test_disk_full_says_what_is_kept_and_the_same_command_continues(fixres, photos, tmp_path, monkeypatch):
+    import errno
+
+    import siglip2_jax.embed as embed_module
+
+    root, _ = photos
+    write = embed_module.write_atomic
+
+    def full_at_part_2(path, content):
+        if path.name == "000002.npy":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        write(path, content)
+
+    argv = ["embed", fixres[1], root, tmp_path / "out", "--batch-size", "4", "--part-size", "4", "--no-progress"]
+    monkeypatch.setattr(embed_module, "write_atomic", full_at_part_2)
+    code, err = _main(argv)
+    assert code == 2 and err.count("\n") == 1, err
+    assert "No space left on device; 2 of 4 parts (8 embeddings) are saved in" in err and "same command to continue" in err
+    monkeypatch.setattr(embed_module, "write_atomic", write)
+    assert _main(argv)[0] == 0 and len(read_embeddings(tmp_path / "out")[0]) == 13
+
+
 def test_loader_shards_shuffles_per_epoch_and_workers_change_nothing():
     records = list(range(23))
     shares = [list(make_loader(records, abs, shard=(i, 3))) for i in range(3)]
