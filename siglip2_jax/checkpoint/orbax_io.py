@@ -210,6 +210,7 @@ def _metadata_tree(checkpointer, path: Path) -> dict:
     tree = getattr(meta, "item_metadata", meta)
     tree = getattr(tree, "tree", tree)
     if not isinstance(tree, dict):
-        raise ConfigError(f"{path}: no Orbax metadata (_METADATA missing or damaged); incomplete checkpoint? "
+        raise ConfigError(f"{path}: no readable Orbax metadata (_METADATA or data files missing or "
+                          "damaged); incomplete checkpoint? "
                           "Convert it again")
     return tree
