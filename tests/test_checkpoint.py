@@ -101,7 +101,7 @@ def test_orbax_item_without_metadata_is_refused_naming_it(hf_dir, tmp_path):
     out = tmp_path / "ours"
     convert(hf_dir, out)
     (out / "params" / "vision" / "_METADATA").unlink()  # a copy or a deletion stopped half way
-    with pytest.raises(ConfigError, match=r"params/vision: no Orbax metadata"):
+    with pytest.raises(ConfigError, match=r"params/vision: no readable Orbax metadata"):
         restore_params(out)
 
 
