@@ -318,6 +318,9 @@ def _assert_image_error(source, *expected_in_message: str):
         ("truncated.jpg", _jpeg_bytes()[:3000], "truncated"),
         ("truncated.png", None, "cannot decode"),
         ("bomb.png", png_header_only(100_000, 100_000), "decompression bomb"),
+        # HEIC without a HEIF plugin (none is installed here): an image we cannot decode, not "not an image"
+        ("photo.heic", b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + b"\x00" * 64,
+         "a HEIF/AVIF file ('heic') that this Pillow cannot decode"),
     ],
 )
 def test_broken_files_raise_image_error_naming_the_file(tmp_path, name, content, reason):
