@@ -15,8 +15,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from siglip2_jax.checkpoint import (SourceError, WeightsError, convert, load_hf_params, read_checkpoint_config,
-                                    restore_params)
+from siglip2_jax.checkpoint import (SourceError, WeightsError, convert, export_hf, is_checkpoint, load_hf_params,
+                                    read_checkpoint_config, restore_params)
 from siglip2_jax.config import ConfigError
 from siglip2_jax.model.build import model_from_params
 from siglip2_jax.params import flatten
@@ -260,6 +260,24 @@ def test_convert_cli_refuses_to_overwrite(hf_dir, tmp_path):
     run = cli("convert", hf_dir, tmp_path / "out", "--quiet")
     assert run.returncode == 2 and "--overwrite" in run.stderr
     assert (tmp_path / "out" / "keep.txt").read_text() == "precious"
+
+
+def test_overwrite_never_replaces_the_source_or_a_folder_that_is_not_a_model(hf_dir, tmp_path):
+    """`convert SRC SRC --overwrite` replaced the source; `convert SRC SRC/.. --overwrite` deleted the folder
+    holding it (and the run failed after that)."""
+    source = copy_dir(hf_dir, tmp_path / "work" / "src")
+    before = sorted(p.name for p in source.iterdir())
+    with pytest.raises(FileExistsError, match="src: is or holds .*, which is being read"):
+        convert(source, source, overwrite=True)
+    with pytest.raises(FileExistsError, match="work: not a model directory"):
+        convert(source, source / "..", overwrite=True)
+    assert sorted(p.name for p in source.iterdir()) == before
+    ours = tmp_path / "ours"
+    convert(source, ours)
+    with pytest.raises(FileExistsError, match="ours: is or holds"):
+        export_hf(ours, ours, overwrite=True)
+    convert(source, ours, overwrite=True)  # an earlier output is still replaced
+    assert is_checkpoint(ours)
 
 
 def test_cli_help_teaches():
