@@ -86,9 +86,20 @@ def read_manifest(out: str | Path) -> dict:
         raise EmbedError(f"{out}: not an embed output (no manifest.json)") from None
     except (OSError, ValueError) as error:
         raise EmbedError(f"{path}: unreadable ({error})") from None
-    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
         raise EmbedError(f"{path}: not a {FORMAT} manifest of version {FORMAT_VERSION}")
+    for field, kind in _MANIFEST_FIELDS.items():  # what readers use: a damaged one is named, not a KeyError
+        value = manifest
+        for key in field.split("."):
+            value = value.get(key) if isinstance(value, dict) else None
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise EmbedError(f"{path}: damaged manifest ({field} is {json.dumps(value)}); restore it, or embed "
+                             "into a new OUT")
     return manifest
+
+
+_MANIFEST_FIELDS = {"kind": str, "model.source": str, "model.fingerprint": str, "input.count": int,
+                    "options": dict, "options.dtype": str, "options.part_size": int, "dim": int, "num_parts": int}
 
 
 def done_parts(out: str | Path, partial: bool = False) -> list[int]:

@@ -349,6 +349,17 @@ def test_damaged_part_is_refused_by_resume_search_and_reader(model8, photos, tmp
     assert np.array_equal(read_embeddings(out)[1], whole)
 
 
+def test_damaged_manifest_is_named(model8, photos, tmp_path):
+    root, _ = photos
+    out = embed(model8, root, tmp_path / "out", batch_size=4, part_size=8, workers=0, progress=False).out
+    manifest = json.loads((out / "manifest.json").read_text())
+    for damaged, reason in [({**manifest, "dim": "64"}, 'dim is "64"'), ({**manifest, "options": None}, "options is null"),
+                            ([manifest], "not a siglip2-jax-embeddings manifest")]:
+        (out / "manifest.json").write_text(json.dumps(damaged))
+        with pytest.raises(EmbedError, match=f"manifest.json: .*{reason}"):
+            read_embeddings(out)
+
+
 def test_disk_full_says_what_is_kept_and_the_same_command_continues(fixres, photos, tmp_path, monkeypatch):
     import errno
 
