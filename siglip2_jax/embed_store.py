@@ -98,8 +98,8 @@ def read_manifest(out: str | Path) -> dict:
     return manifest
 
 
-_MANIFEST_FIELDS = {"kind": str, "model.source": str, "model.fingerprint": str, "input.count": int,
-                    "options": dict, "options.dtype": str, "options.part_size": int, "dim": int, "num_parts": int}
+# what every reader of the parts uses (read_embeddings, top_k_scores): the least a hand-made manifest holds
+_MANIFEST_FIELDS = {"kind": str, "options": dict, "options.dtype": str, "dim": int, "num_parts": int}
 
 
 def done_parts(out: str | Path, partial: bool = False) -> list[int]:
