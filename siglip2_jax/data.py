@@ -55,13 +55,15 @@ def read_path_list(list_file: str | Path) -> list[str]:
     """The paths in a text file, one per line, in the file's order; blank lines are skipped and relative
     paths are taken relative to the list file's folder. Returned absolute (not resolving symlinks)."""
     base = os.path.dirname(os.path.abspath(list_file))
-    lines = Path(list_file).read_text(encoding="utf-8").splitlines()
-    return [os.path.normpath(os.path.join(base, line)) for line in lines if line.strip()]
+    return [os.path.normpath(os.path.join(base, line)) for line in read_lines(list_file) if line.strip()]
 
 
 def read_lines(text_file: str | Path) -> list[str]:
-    """Every line of a UTF-8 text file (empty ones too, so row i is line i + 1)."""
-    return Path(text_file).read_text(encoding="utf-8").splitlines()
+    """Every line of a UTF-8 text file (empty ones too, so row i is line i + 1). Lines end at "\n", "\r\n"
+    or "\r" only: `str.splitlines` would also split at U+2028, form feeds and other characters a caption
+    may hold. A leading byte-order mark (Windows editors write one) is dropped. Raises UnicodeDecodeError."""
+    lines = Path(text_file).read_text(encoding="utf-8-sig").split("\n")  # universal newlines: all are "\n"
+    return lines[:-1] if lines[-1] == "" else lines  # "" after a final newline (or of an empty file)
 
 
 # ------------------------------------------------------------------------------------------------ sharding

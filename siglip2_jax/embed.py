@@ -32,7 +32,7 @@ from . import defaults, distributed
 from .data import DecodeBatch, iterate, list_files, make_loader, read_lines, read_path_list
 # the output format; re-exported: `siglip2_jax.embed.read_embeddings` etc. are where users import them from
 from .embed_store import (FORMAT, FORMAT_VERSION, EmbedError, done_mask, done_parts, fingerprint,  # noqa: F401
-                          json_bytes, new_manifest, part_files, read_embeddings, read_index, read_manifest,
+                          json_bytes, new_manifest, part_files, part_layout, read_embeddings, read_index, read_manifest,
                           write_atomic)
 
 DTYPES = ("float32", "float16")
@@ -272,6 +272,7 @@ def _finish(out: Path, manifest: dict, write: bool) -> EmbedResult:
         if index is None:
             missing += 1
             continue
+        part_layout(out, part, manifest, index)  # damaged since it was written: refused, naming the file
         embedded += len(index["indices"])
         refused.extend(index["refused"])
     complete = missing == 0

@@ -34,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import first_line
+
 FORMAT, FORMAT_VERSION = "siglip2-jax-embeddings", 1
 
 
@@ -84,9 +86,20 @@ def read_manifest(out: str | Path) -> dict:
         raise EmbedError(f"{out}: not an embed output (no manifest.json)") from None
     except (OSError, ValueError) as error:
         raise EmbedError(f"{path}: unreadable ({error})") from None
-    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
         raise EmbedError(f"{path}: not a {FORMAT} manifest of version {FORMAT_VERSION}")
+    for field, kind in _MANIFEST_FIELDS.items():  # what readers use: a damaged one is named, not a KeyError
+        value = manifest
+        for key in field.split("."):
+            value = value.get(key) if isinstance(value, dict) else None
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise EmbedError(f"{path}: damaged manifest ({field} is {json.dumps(value)}); restore it, or embed "
+                             "into a new OUT")
     return manifest
+
+
+# what every reader of the parts uses (read_embeddings, top_k_scores): the least a hand-made manifest holds
+_MANIFEST_FIELDS = {"kind": str, "options": dict, "options.dtype": str, "dim": int, "num_parts": int}
 
 
 def done_parts(out: str | Path, partial: bool = False) -> list[int]:
@@ -111,19 +124,56 @@ def read_embeddings(out: str | Path, partial: bool = False) -> tuple[list[str], 
     manifest = read_manifest(out)
     paths, arrays = [], []
     for part in done_parts(out, partial):
-        npy, _ = part_files(out, part)
-        paths.extend(read_index(out, part)["paths"])
-        arrays.append(np.load(npy))
+        index = read_index(out, part)
+        part_layout(out, part, manifest, index)  # a corrupt part: one line naming it, not numpy's error
+        paths.extend(index["paths"])
+        arrays.append(np.load(part_files(out, part)[0]))
     dtype = np.dtype(manifest["options"]["dtype"])
     return paths, np.concatenate(arrays) if arrays else np.zeros((0, manifest["dim"]), dtype)
 
 
 def read_index(out: str | Path, part: int) -> dict | None:
-    """The index of one part (see above), or None while the part is not done."""
+    """The index of one part (see above), or None while the part is not done. Raises EmbedError naming
+    the file for one that is not such an index (damaged after it was written)."""
+    path = part_files(out, part)[1]
     try:
-        return json.loads(part_files(out, part)[1].read_text())
+        index = json.loads(path.read_text(encoding="utf-8", errors="surrogateescape"))
     except FileNotFoundError:
         return None
+    except (OSError, ValueError) as error:
+        raise EmbedError(_corrupt(path, first_line(error))) from None
+    if not (isinstance(index, dict) and all(isinstance(index.get(k), list) for k in ("indices", "paths", "refused"))
+            and len(index["indices"]) == len(index["paths"])):
+        raise EmbedError(_corrupt(path, "not a part index"))
+    return index
+
+
+def part_layout(out: str | Path, part: int, manifest: dict, index: dict) -> tuple[int, tuple, np.dtype]:
+    """(data offset, shape, dtype) of a done part's .npy, read from its header and checked against its
+    `index` and the manifest (rows, dim, dtype, file size). Raises EmbedError naming the file if not."""
+    path = part_files(out, part)[0]
+    try:
+        with open(path, "rb") as file:
+            version = np.lib.format.read_magic(file)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            shape, fortran, dtype = read_header(file)
+            offset, size = file.tell(), os.fstat(file.fileno()).st_size
+    except (OSError, ValueError, EOFError) as error:  # numpy raises ValueError or EOFError on bad headers
+        raise EmbedError(_corrupt(path, first_line(error))) from None
+    expected = (len(index["indices"]), manifest["dim"])
+    if fortran or shape != expected or dtype != np.dtype(manifest["options"]["dtype"]):
+        raise EmbedError(_corrupt(path, f"holds {'Fortran-ordered ' if fortran else ''}{dtype} {shape}, "
+                                        f"expected {manifest['options']['dtype']} {expected}"))
+    if size != offset + int(np.prod(shape)) * dtype.itemsize:
+        raise EmbedError(_corrupt(path, f"{size} bytes, its header says {offset + int(np.prod(shape)) * dtype.itemsize}"))
+    return offset, shape, dtype
+
+
+def _corrupt(path: Path, reason: str) -> str:
+    part = path.with_suffix("")
+    return (f"{path}: corrupt part ({reason}); delete {part.name}.npy and {part.name}.json and run the same "
+            "embed command again to embed that part again")
 
 
 def done_mask(out: str | Path, num_parts: int) -> np.ndarray:

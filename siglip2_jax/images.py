@@ -26,6 +26,7 @@ import io
 import json
 import math
 import numbers
+import warnings
 from pathlib import Path
 from typing import NamedTuple, Sequence, Union
 
@@ -39,6 +40,10 @@ ImageSource = Union[str, Path, bytes, bytearray, Image.Image, np.ndarray]
 
 BILINEAR = Image.Resampling.BILINEAR  # SigLIP 2 hub configs: "resample": 2 (SigLIP 1 used bicubic)
 IMAGE_MEAN = IMAGE_STD = 0.5
+
+
+# the major brands of HEIF (HEIC photos, image sequences) and AVIF files
+HEIF_BRANDS = {"heic", "heix", "hevc", "hevx", "heim", "heis", "hevm", "hevs", "mif1", "msf1", "avif", "avis"}
 
 
 class ImageError(ValueError):
@@ -116,9 +121,16 @@ def to_rgb(image: Image.Image) -> Image.Image:
 def _decode(file, name: str) -> Image.Image:
     """Opens an encoded image, refusing decompression bombs before any pixel is decoded."""
     try:
-        image = Image.open(file)  # reads the header only
-        image.seek(0)  # the first frame of an animated image
+        with warnings.catch_warnings():  # PIL warns over MAX_IMAGE_PIXELS; refused below, in one line
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(file)  # reads the header only
+            image.seek(0)  # the first frame of an animated image
     except UnidentifiedImageError:
+        brand = _iso_media_brand(file)
+        if brand:  # an iPhone's HEIC photo is an image, just not one this Pillow can decode
+            raise ImageError(f"{name}: a HEIF/AVIF file ({brand!r}) that this Pillow cannot decode (a HEIF "
+                             f"plugin such as pillow-heif is not installed, or the file is damaged); convert it to "
+                             f"JPEG or PNG") from None
         raise ImageError(f"{name}: not an image (cannot identify image file)") from None
     except Image.DecompressionBombError as error:  # PIL's own limit, twice MAX_IMAGE_PIXELS
         raise ImageError(f"{name}: too large, a decompression bomb? ({first_line(error)})") from None
@@ -131,6 +143,15 @@ def _decode(file, name: str) -> Image.Image:
             f"more than PIL.Image.MAX_IMAGE_PIXELS = {limit})"
         )
     return _decoded(image, name)
+
+
+def _iso_media_brand(file) -> str | None:
+    """The major brand of an ISO base media file ('heic', 'avif', 'mif1'...: the HEIF family), else None."""
+    file.seek(0)
+    head = file.read(12)
+    if head[4:8] == b"ftyp" and head[8:12].decode("ascii", "replace") in HEIF_BRANDS:
+        return head[8:12].decode("ascii")
+    return None
 
 
 def _decoded(image: Image.Image, name: str) -> Image.Image:

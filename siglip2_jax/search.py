@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .embed_store import EmbedError, done_parts, part_files, read_index, read_manifest
+from .embed_store import EmbedError, done_parts, part_files, part_layout, read_index, read_manifest
 
 DEFAULT_CHUNK_ROWS = 16384  # 24 MiB of float16 B/16 embeddings (+ its float32 copy) per step
 
@@ -61,10 +61,13 @@ def top_k_scores(out: str | Path, query: np.ndarray, k: int, *, chunk_rows: int 
     """(scores, parts, rows) of the k stored embeddings with the largest dot product with `query`, best
     first (ties: earlier in the listing first), reading at most `chunk_rows` rows at a time."""
     query = np.asarray(query, np.float32)
+    manifest = read_manifest(out)
+    if query.shape != (manifest["dim"],):
+        raise EmbedError(f"{out}: holds {manifest['dim']}-wide embeddings; the query is {query.shape}")
     best = np.zeros(0, np.float32), np.zeros(0, np.int64), np.zeros(0, np.int64)
     for part in done_parts(out, partial):
         npy, _ = part_files(out, part)
-        offset, shape, dtype = _npy_layout(npy)
+        offset, shape, dtype = part_layout(out, part, manifest, read_index(out, part))
         for start in range(0, shape[0], chunk_rows):
             n = min(chunk_rows, shape[0] - start)
             # A map of just this slice, dropped after use: pages read stay out of the process's memory.
@@ -81,17 +84,6 @@ def _best(k, scores, parts, rows):
     scores, parts, rows = (np.concatenate(pair) for pair in (scores, parts, rows))
     order = np.lexsort((rows, parts, -scores))[:k]  # by score, then listing order
     return scores[order], parts[order], rows[order]
-
-
-def _npy_layout(path: Path) -> tuple[int, tuple, np.dtype]:
-    """(data offset, shape, dtype) of a C-ordered .npy file, from its header."""
-    with open(path, "rb") as file:
-        version = np.lib.format.read_magic(file)
-        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, fortran, dtype = read_header(file)
-        if fortran:
-            raise EmbedError(f"{path}: Fortran-ordered array; not written by embed")
-        return file.tell(), shape, dtype
 
 
 def _model_for(manifest: dict, model):

@@ -289,4 +289,9 @@ def _as_list(texts: str | Sequence[str]) -> list[str]:
     for i, text in enumerate(texts):
         if not isinstance(text, str):
             raise TypeError(f"texts[{i}] is a {type(text).__name__}, expected str")
+        try:  # a lone surrogate (e.g. a JSON "\\ud800"): the tokenizers backend fails with an unrelated TypeError
+            text.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise ValueError(f"texts[{i}]: not valid Unicode ({error.reason} {text[error.start]!r} at character "
+                             f"{error.start})") from None
     return texts

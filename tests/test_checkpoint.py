@@ -15,8 +15,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from siglip2_jax.checkpoint import (SourceError, WeightsError, convert, load_hf_params, read_checkpoint_config,
-                                    restore_params)
+from siglip2_jax.checkpoint import (SourceError, WeightsError, convert, export_hf, is_checkpoint, load_hf_params,
+                                    read_checkpoint_config, restore_params)
 from siglip2_jax.config import ConfigError
 from siglip2_jax.model.build import model_from_params
 from siglip2_jax.params import flatten
@@ -58,6 +58,51 @@ def test_corrupt_file_is_refused_naming_it(hf_dir, tmp_path, content):
     (broken / "model.safetensors").write_bytes(content)
     with pytest.raises(WeightsError, match=r"model\.safetensors"):
         load_hf_params(broken)
+
+
+def _safetensors_with(hf_dir, tmp_path, change):
+    """A copy of hf_dir whose model.safetensors header is replaced by change(header) (a dict, or bytes)."""
+    import struct
+
+    broken = copy_dir(hf_dir, tmp_path / "broken")
+    data = (broken / "model.safetensors").read_bytes()
+    size = struct.unpack("<Q", data[:8])[0]
+    header = change(json.loads(data[8: 8 + size]))
+    header = header if isinstance(header, bytes) else json.dumps(header).encode()
+    (broken / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + data[8 + size:])
+    return broken
+
+
+@pytest.mark.parametrize("change, message", [
+    # numpy's product of these dimensions wraps around to 0 bytes, which the header then "has"
+    (lambda h: {**h, "logit_bias": {"dtype": "F32", "shape": [2**32, 2**32], "data_offsets": [0, 0]}}, "0 bytes for shape"),
+    (lambda h: {**h, "logit_bias": {"dtype": "F32", "shape": [-2, 2], "data_offsets": [16, 0]}}, "for shape \\(-2, 2\\)"),
+    (lambda h: {**h, "logit_bias": {**h["logit_bias"], "dtype": "I32"}}, "logit_bias is stored as int32; weights are floating"),
+    (lambda h: b"[" * 100_000 + b"]" * 100_000, "corrupt safetensors header"),  # RecursionError in json
+])
+def test_lying_header_is_refused_naming_the_file(hf_dir, tmp_path, change, message):
+    broken = _safetensors_with(hf_dir, tmp_path, change)
+    with pytest.raises(WeightsError, match=r"broken/model\.safetensors: .*" + message):
+        load_hf_params(broken)
+
+
+@pytest.mark.parametrize("index, message", [
+    (b'{"weight_map": {"logit_bias": ["model.safetensors"]}}', "weight_map is not"),
+    (b'{"weight_map": "\xff"}', "can't decode byte 0xff"),
+])
+def test_bad_safetensors_index_is_refused_naming_it(hf_dir, tmp_path, index, message):
+    broken = copy_dir(hf_dir, tmp_path / "broken")
+    (broken / "model.safetensors.index.json").write_bytes(index)
+    with pytest.raises(WeightsError, match=r"model\.safetensors\.index\.json: not a valid safetensors index \(.*" + message):
+        load_hf_params(broken)
+
+
+def test_orbax_item_without_metadata_is_refused_naming_it(hf_dir, tmp_path):
+    out = tmp_path / "ours"
+    convert(hf_dir, out)
+    (out / "params" / "vision" / "_METADATA").unlink()  # a copy or a deletion stopped half way
+    with pytest.raises(ConfigError, match=r"params/vision: no readable Orbax metadata"):
+        restore_params(out)
 
 
 def test_wrong_width_names_key_file_and_both_shapes(hf_dir, tmp_path):
@@ -220,6 +265,24 @@ def test_convert_cli_refuses_to_overwrite(hf_dir, tmp_path):
     run = cli("convert", hf_dir, tmp_path / "out", "--quiet")
     assert run.returncode == 2 and "--overwrite" in run.stderr
     assert (tmp_path / "out" / "keep.txt").read_text() == "precious"
+
+
+def test_overwrite_never_replaces_the_source_or_a_folder_that_is_not_a_model(hf_dir, tmp_path):
+    """`convert SRC SRC --overwrite` replaced the source; `convert SRC SRC/.. --overwrite` deleted the folder
+    holding it (and the run failed after that)."""
+    source = copy_dir(hf_dir, tmp_path / "work" / "src")
+    before = sorted(p.name for p in source.iterdir())
+    with pytest.raises(FileExistsError, match="src: is or holds .*, which is being read"):
+        convert(source, source, overwrite=True)
+    with pytest.raises(FileExistsError, match="work: not a model directory"):
+        convert(source, source / "..", overwrite=True)
+    assert sorted(p.name for p in source.iterdir()) == before
+    ours = tmp_path / "ours"
+    convert(source, ours)
+    with pytest.raises(FileExistsError, match="ours: is or holds"):
+        export_hf(ours, ours, overwrite=True)
+    convert(source, ours, overwrite=True)  # an earlier output is still replaced
+    assert is_checkpoint(ours)
 
 
 def test_cli_help_teaches():

@@ -176,6 +176,11 @@ def test_unknown_model_one_line_exit_2(tmp_path, odd_images):
     assert offline.returncode == 2 and "google/siglip2-base-patch16-224" in offline.stderr
     assert "local directory" in offline.stderr and "Traceback" not in offline.stderr
     assert "`hf download google/siglip2-base-patch16-224 --local-dir" in offline.stderr  # huggingface-cli is gone
+    # a damaged checkpoint (config.json gone) is the model, named; not an image, with the hub model used instead
+    damaged = tmp_path / "damaged"
+    (damaged / "params").mkdir(parents=True)
+    run = cli("classify", damaged, odd_images[0], "--labels", "cat")
+    assert run.returncode == 2 and f"{damaged}: no config.json" in run.stderr and "google/" not in run.stderr, run
 
 
 def test_mistyped_flag_points_at_the_commands_help(capsys):

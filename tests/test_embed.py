@@ -23,6 +23,7 @@ import siglip2_jax
 from siglip2_jax.cli import main
 from siglip2_jax.data import make_loader
 from siglip2_jax.embed import EmbedError, embed, read_embeddings, read_manifest
+from siglip2_jax.search import top_k_scores
 from siglip2_jax.sharding import make_mesh
 from conftest import cli, png_header_only
 
@@ -295,8 +296,9 @@ def test_bfloat16_compute(fixres, model8, photos, tmp_path):
 
 def test_texts_and_list_files(model8, photos, tmp_path):
     root, paths = photos
-    captions = ["a photo of a cat", "", "A DOG", "café crème " * 30, "a photo of a cat"]
-    (tmp_path / "captions.txt").write_text("\n".join(captions) + "\n")
+    # U+2028 and form feeds stay inside their caption; the byte-order mark of a Windows editor is dropped
+    captions = ["a photo of a cat", "", "A DOG", "café crème " * 30, "a photo of a cat", "two\u2028lines\x0cand a feed"]
+    (tmp_path / "captions.txt").write_text("\ufeff" + "\n".join(captions) + "\n", encoding="utf-8")
     result = embed(model8, tmp_path / "captions.txt", tmp_path / "texts", texts=True, batch_size=2, part_size=3,
                    workers=0, progress=False)
     names, stored = read_embeddings(result.out)
@@ -319,6 +321,65 @@ def test_unfinished_output_is_refused_by_the_reader(model8, photos, tmp_path):
         read_embeddings(out)
     paths, array = read_embeddings(out, partial=True)
     assert len(paths) == array.shape[0] == 13 - 4
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (lambda npy, index: npy.write_bytes(npy.read_bytes()[:100]), r"000001\.npy: corrupt part \(EOF"),
+    (lambda npy, index: np.save(npy, np.zeros((4, 3), np.float32)), r"000001\.npy: corrupt part \(holds float32 \(4, 3\)"),
+    (lambda npy, index: index.write_text("{"), r"000001\.json: corrupt part"),
+])
+def test_damaged_part_is_refused_by_resume_search_and_reader(model8, photos, tmp_path, damage, reason):
+    """A part damaged after it was written (disk, a careless copy): every reader names it and says how to
+    redo it; a resumed run refuses it instead of reporting success; the other parts are kept."""
+    root, _ = photos
+    out = embed(model8, root, tmp_path / "out", batch_size=4, part_size=4, workers=0, progress=False).out
+    _, whole = read_embeddings(out)
+    with pytest.raises(EmbedError, match=r"-wide embeddings; the query is \(3,\)"):  # a query of another model
+        top_k_scores(out, whole[0, :3], 3)
+    damage(*(out / "parts" / f"000001.{ext}" for ext in ("npy", "json")))
+    with pytest.raises(EmbedError, match=reason + ".*delete 000001.npy and 000001.json"):
+        read_embeddings(out)
+    with pytest.raises(EmbedError, match=reason):
+        top_k_scores(out, whole[0], 3)
+    with pytest.raises(EmbedError, match=reason):
+        embed(model8, root, out, batch_size=4, part_size=4, workers=0, progress=False)
+    for ext in ("npy", "json"):  # as the message says: the part is embedded again, the others kept
+        (out / "parts" / f"000001.{ext}").unlink()
+    assert embed(model8, root, out, batch_size=4, part_size=4, workers=0, progress=False).exit_status == 0
+    assert np.array_equal(read_embeddings(out)[1], whole)
+
+
+def test_damaged_manifest_is_named(model8, photos, tmp_path):
+    root, _ = photos
+    out = embed(model8, root, tmp_path / "out", batch_size=4, part_size=8, workers=0, progress=False).out
+    manifest = json.loads((out / "manifest.json").read_text())
+    for damaged, reason in [({**manifest, "dim": "64"}, 'dim is "64"'), ({**manifest, "options": None}, "options is null"),
+                            ([manifest], "not a siglip2-jax-embeddings manifest")]:
+        (out / "manifest.json").write_text(json.dumps(damaged))
+        with pytest.raises(EmbedError, match=f"manifest.json: .*{reason}"):
+            read_embeddings(out)
+
+
+def test_disk_full_says_what_is_kept_and_the_same_command_continues(fixres, photos, tmp_path, monkeypatch):
+    import errno
+
+    import siglip2_jax.embed as embed_module
+
+    root, _ = photos
+    write = embed_module.write_atomic
+
+    def full_at_part_2(path, content):
+        if path.name == "000002.npy":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        write(path, content)
+
+    argv = ["embed", fixres[1], root, tmp_path / "out", "--batch-size", "4", "--part-size", "4", "--no-progress"]
+    monkeypatch.setattr(embed_module, "write_atomic", full_at_part_2)
+    code, err = _main(argv)
+    assert code == 2 and err.count("\n") == 1, err
+    assert "No space left on device; 2 of 4 parts (8 embeddings) are saved in" in err and "same command to continue" in err
+    monkeypatch.setattr(embed_module, "write_atomic", write)
+    assert _main(argv)[0] == 0 and len(read_embeddings(tmp_path / "out")[0]) == 13
 
 
 def test_loader_shards_shuffles_per_epoch_and_workers_change_nothing():

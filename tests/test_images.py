@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -317,6 +318,9 @@ def _assert_image_error(source, *expected_in_message: str):
         ("truncated.jpg", _jpeg_bytes()[:3000], "truncated"),
         ("truncated.png", None, "cannot decode"),
         ("bomb.png", png_header_only(100_000, 100_000), "decompression bomb"),
+        # HEIC without a HEIF plugin (none is installed here): an image we cannot decode, not "not an image"
+        ("photo.heic", b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + b"\x00" * 64,
+         "a HEIF/AVIF file ('heic') that this Pillow cannot decode"),
     ],
 )
 def test_broken_files_raise_image_error_naming_the_file(tmp_path, name, content, reason):
@@ -354,6 +358,17 @@ def test_decompression_bomb_limit_follows_max_image_pixels(tmp_path, monkeypatch
     # Over the limit (where PIL only warns) and over twice the limit (where PIL raises): both refused.
     _assert_image_error(tmp_path / "small.png", "small.png", "decompression bomb", "40x40")
     _assert_image_error(tmp_path / "medium.png", "medium.png", "decompression bomb")
+
+
+def test_decompression_bomb_refused_without_pils_warning(tmp_path, monkeypatch):
+    """Between MAX_IMAGE_PIXELS and twice it PIL only warns, which would print two more lines on stderr
+    before our one (a 12000x9000 photo with the default limit)."""
+    Image.new("RGB", (40, 40)).save(tmp_path / "small.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _assert_image_error(tmp_path / "small.png", "small.png", "decompression bomb", "40x40")
+    assert not caught, [str(w.message) for w in caught]
 
 
 def test_truncated_jpeg_refused_even_if_someone_allows_truncated_images(tmp_path, monkeypatch):

@@ -204,6 +204,9 @@ def iter_checkpoint_params(checkpoint, config: Siglip2Config, prefixes=("vision_
                 if tuple(checkpoint.shape(key)) != rule.hf_shape:
                     raise WeightsError(f"{checkpoint.file_of(key)}: {key} has shape {tuple(checkpoint.shape(key))} "
                                        f"but config.json implies {rule.hf_shape}")
+                if np.dtype(checkpoint.dtype(key)).kind in "biu":  # integers would be cast to weights silently
+                    raise WeightsError(f"{checkpoint.file_of(key)}: {key} is stored as {checkpoint.dtype(key)}; "
+                                       f"weights are floating point (a damaged or foreign file?)")
 
     def leaves():
         rules = table

@@ -24,7 +24,7 @@ import numpy as np
 from ..config import ConfigError
 from .big_vision import hf_assets
 from .hf import hf_keys, iter_hf_tensors, key_table
-from .orbax_io import ASSET_FILES, orbax_item_of, read_checkpoint_config, restore_params, stored_dtypes
+from .orbax_io import ASSET_FILES, orbax_item_of, read_checkpoint_config, replaceable, restore_params, stored_dtypes
 
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 _SAFETENSORS_DTYPES = {np.dtype(np.float32): "F32", np.dtype(ml_dtypes.bfloat16): "BF16", np.dtype(np.float16): "F16"}
@@ -50,14 +50,13 @@ def export_hf(checkpoint_dir: str | Path, out_dir: str | Path, *, max_shard_size
     index, as `save_pretrained` does. Tokenizer and preprocessing files are copied from the checkpoint;
     those missing are written with the released checkpoints' settings. Raises ConfigError for a
     directory that is not a two-tower siglip2-jax checkpoint, FileExistsError for a non-empty OUT
-    without `overwrite`."""
-    checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir).absolute()
+    without `overwrite`, or one that `overwrite` does not replace (`orbax_io.replaceable`)."""
+    checkpoint_dir = Path(checkpoint_dir)
     limit = parse_size(max_shard_size)
     config = read_checkpoint_config(checkpoint_dir)
     if config.vision is None or config.text is None:
         raise ConfigError(f"{checkpoint_dir}: export needs both towers (this checkpoint has one)")
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out_dir}: already exists and is not empty (pass overwrite to replace it)")
+    out_dir = replaceable(out_dir, overwrite, checkpoint_dir)
 
     staging = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)

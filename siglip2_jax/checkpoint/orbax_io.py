@@ -21,6 +21,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from ..config import ConfigError, Siglip2Config
+from ..errors import first_line
 from ..model.build import flat_param_shapes
 from ..params import Layout, flatten, nest, to_layout
 
@@ -47,6 +48,28 @@ def orbax_item_of(path: str) -> str:
     return parts[0] if len(parts) > 1 else "logit"
 
 
+def replaceable(out_dir: str | Path, overwrite: bool, *inputs) -> Path:
+    """`out_dir` as an absolute path ("..": lexically), once checked that writing it replaces nothing
+    but an old output: it is absent or empty; or, with `overwrite`, a model directory (one with a
+    config.json) that neither is nor holds any of `inputs` (what the job reads; None, hub ids skipped).
+    Raises FileExistsError naming it otherwise: `overwrite` deletes OUT at the end, and an OUT such as
+    the source itself or the folder above it would lose the model, or far more, for nothing."""
+    out = Path(os.path.abspath(out_dir))
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return out
+    if not overwrite:
+        raise FileExistsError(f"{out}: already exists and is not empty (pass overwrite to replace it)")
+    if not (out / "config.json").is_file():
+        raise FileExistsError(f"{out}: not a model directory (no config.json), so overwrite does not replace "
+                              "it; give a new OUT, or delete this one yourself")
+    for source in inputs:
+        if source is not None and Path(source).exists():
+            path = Path(source).resolve()
+            if path == out.resolve() or out.resolve() in path.parents:
+                raise FileExistsError(f"{out}: is or holds {source}, which is being read; give another OUT")
+    return out
+
+
 class CheckpointWriter:
     """Write a checkpoint parameter by parameter: `add(path, array)` for every parameter of `config`,
     then `finish()`. The directory appears under its name only once complete."""
@@ -54,9 +77,8 @@ class CheckpointWriter:
     def __init__(self, out_dir: str | Path, config: Siglip2Config, *, source: str = "",
                  assets_from: str | Path | None = None, overwrite: bool = False, files: dict | None = None):
         """`files`: {name: text, or a Path to copy} written into the directory besides the copied assets."""
-        self.out_dir = Path(out_dir).absolute()
-        if self.out_dir.exists() and any(self.out_dir.iterdir()) and not overwrite:
-            raise FileExistsError(f"{self.out_dir}: already exists and is not empty (pass overwrite to replace it)")
+        inputs = [assets_from, source, *(v for v in (files or {}).values() if isinstance(v, Path))]
+        self.out_dir = replaceable(out_dir, overwrite, *inputs)
         self.config, self.source, self.assets_from, self.files = config, source, assets_from, files or {}
         self.staging = self.out_dir.with_name(f".{self.out_dir.name}.partial-{os.getpid()}")
         shutil.rmtree(self.staging, ignore_errors=True)
@@ -199,6 +221,17 @@ def _release_freed_memory() -> None:
 
 
 def _metadata_tree(checkpointer, path: Path) -> dict:
-    meta = checkpointer.metadata(path)
+    """The item's tree of array metadata. Raises ConfigError naming the item if it has none (its _METADATA
+    file deleted or damaged: Orbax then returns None or raises)."""
+    try:
+        meta = checkpointer.metadata(path)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ConfigError(f"{path}: unreadable Orbax metadata ({first_line(error)}); incomplete checkpoint? "
+                          "Convert it again") from None
     tree = getattr(meta, "item_metadata", meta)
-    return getattr(tree, "tree", tree)
+    tree = getattr(tree, "tree", tree)
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: no readable Orbax metadata (_METADATA or data files missing or "
+                          "damaged); incomplete checkpoint? "
+                          "Convert it again")
+    return tree

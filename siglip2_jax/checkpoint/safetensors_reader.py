@@ -10,11 +10,14 @@ Every inconsistency is reported with the file's name.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from pathlib import Path
 
 import ml_dtypes
 import numpy as np
+
+from ..errors import first_line
 
 _DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
@@ -46,8 +49,8 @@ class SafetensorsFile:
                 header = json.loads(f.read(header_len))
         except OSError as err:
             raise WeightsError(f"{self.path}: cannot read ({err.strerror or err})") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise WeightsError(f"{self.path}: corrupt safetensors header ({err})") from None
+        except (ValueError, RecursionError) as err:  # not JSON or not UTF-8; or nested too deep for json
+            raise WeightsError(f"{self.path}: corrupt safetensors header ({first_line(err)})") from None
         if not isinstance(header, dict):
             raise WeightsError(f"{self.path}: corrupt safetensors header")
         header.pop("__metadata__", None)
@@ -61,7 +64,8 @@ class SafetensorsFile:
                 begin, end = (int(o) for o in entry["data_offsets"])
             except (KeyError, TypeError, ValueError):
                 raise WeightsError(f"{self.path}: corrupt or unsupported header entry for {key!r}: {entry}") from None
-            if end - begin != int(np.prod(shape)) * dtype.itemsize or begin < 0:
+            # math.prod: numpy's product of huge dimensions wraps around (and can come out equal to end - begin)
+            if any(d < 0 for d in shape) or end - begin != math.prod(shape) * dtype.itemsize or begin < 0:
                 raise WeightsError(f"{self.path}: {key} has {end - begin} bytes for shape {shape} {dtype}")
             if end > data_size:
                 raise WeightsError(f"{self.path}: truncated: {key} ends at byte {self._data_start + end} "
@@ -106,9 +110,14 @@ class HFCheckpoint:
         single = directory / "model.safetensors"
         if index.exists():
             try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as err:
-                raise WeightsError(f"{index}: not a valid safetensors index ({err})") from None
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            except (ValueError, KeyError, TypeError, RecursionError) as err:
+                raise WeightsError(f"{index}: not a valid safetensors index ({first_line(err)})") from None
+            except OSError as err:
+                raise WeightsError(f"{index}: cannot read ({err.strerror or err})") from None
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise WeightsError(f"{index}: not a valid safetensors index (weight_map is not "
+                                   '{"tensor name": "file name"})')
             files = {name: SafetensorsFile(directory / name) for name in sorted(set(weight_map.values()))}
             self._where = {}
             for name, file in files.items():

@@ -60,8 +60,8 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".ti
 
 def _looks_like_model(arg: str) -> bool:
     path = Path(arg).expanduser()
-    if path.is_dir():
-        return (path / "config.json").is_file()
+    if path.is_dir():  # never an image: a damaged checkpoint is reported as one, not replaced by the default
+        return True
     return not path.exists() and not path.is_symlink() and arg.count("/") == 1 and not arg.startswith((".", "/", "~")) \
         and Path(arg).suffix.lower() not in IMAGE_SUFFIXES
 

@@ -53,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="storage dtype of the big weights (default %(default)s; patch/position embeddings and norms "
                              "stay float32)")
     parser.add_argument("--verify", action="store_true", help="compare against transformers afterwards (needs torch)")
-    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it is an earlier output (a model directory, not the one being read)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--config", metavar="FILE", help=".npz sources: the architecture (configs/NAME.json or a preset "
                                                           "name) instead of the variant in the file name")

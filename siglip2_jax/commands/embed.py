@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 
 from .. import defaults
 from ..embed import COMPUTE_DTYPES, DTYPES
 from . import CommandError, add_multi_host_arguments, int_at_least, positive_int
+
+OUT_FULL_OR_READ_ONLY = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 # XLA, grain and jax.distributed failures: one line too, as `embed` has always reported them
 ALSO_REFUSED = (RuntimeError,)
@@ -89,9 +92,17 @@ def run(args: argparse.Namespace) -> int:
     from ..embed import embed
 
     distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
-    result = embed(args.model, args.inputs, args.out, texts=args.texts, dtype=args.dtype, compute_dtype=args.compute_dtype,
-                   batch_size=args.batch_size, part_size=args.part_size, max_num_patches=args.max_num_patches,
-                   image_size=args.image_size, model_parallel=args.model_parallel, workers=args.workers, progress=not args.no_progress)
+    try:
+        result = embed(args.model, args.inputs, args.out, texts=args.texts, dtype=args.dtype,
+                       compute_dtype=args.compute_dtype, batch_size=args.batch_size, part_size=args.part_size,
+                       max_num_patches=args.max_num_patches, image_size=args.image_size,
+                       model_parallel=args.model_parallel, workers=args.workers, progress=not args.no_progress)
+    except OSError as error:
+        if error.errno not in OUT_FULL_OR_READ_ONLY:
+            raise
+        # the finished parts stay: say so, as after Ctrl-C
+        raise CommandError(f"{error.filename or args.out}: {error.strerror}; {_kept(args.out)}; make room (or "
+                           "make OUT writable) and run the same command to continue") from None
     if not result.complete:
         raise CommandError(f"{result.out}: parts of other processes are missing; is OUT on a file system all "
                            "hosts share?")

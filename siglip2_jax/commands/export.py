@@ -31,7 +31,7 @@ def register(commands) -> None:
     parser.add_argument("--format", choices=["hf"], default="hf", help="output format (Hugging Face transformers)")
     parser.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
                         help="largest safetensors file, e.g. 5GB, 500MB, 2GiB (default: %(default)s)")
-    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it is an earlier output (a model directory, not the one being read)")
 
 
 def run(args: argparse.Namespace) -> int:
