@@ -289,9 +289,16 @@ def _as_list(texts: str | Sequence[str]) -> list[str]:
     for i, text in enumerate(texts):
         if not isinstance(text, str):
             raise TypeError(f"texts[{i}] is a {type(text).__name__}, expected str")
-        try:  # a lone surrogate (e.g. a JSON "\\ud800"): the tokenizers backend fails with an unrelated TypeError
-            text.encode("utf-8")
-        except UnicodeEncodeError as error:
-            raise ValueError(f"texts[{i}]: not valid Unicode ({error.reason} {text[error.start]!r} at character "
-                             f"{error.start})") from None
+        check_text(text, f"texts[{i}]")
     return texts
+
+
+def check_text(text: str, name: str) -> str:
+    """`text` itself if it can be tokenized; raises ValueError naming `name` if it holds a lone surrogate
+    (a JSON "\\ud800" decodes to one; the tokenizers backend would fail with an unrelated TypeError)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError(f"{name}: not valid Unicode: a lone surrogate {text[error.start]!r} at character "
+                         f"{error.start}") from None
+    return text

@@ -22,6 +22,8 @@ import ipaddress
 import socket
 from urllib.parse import urljoin, urlsplit
 
+from ..tokenizer import check_text
+
 MAX_REDIRECTS = 3
 URL_SAFE = str.maketrans("-_", "+/")
 
@@ -57,14 +59,11 @@ class FetchPolicy:
 
 
 def checked_text(text: str, name: str) -> str:
-    """`text` itself; raises InputError naming `name` if it holds a lone surrogate (JSON can escape one,
-    "\\ud800", and the tokenizer cannot take it)."""
+    """`text` itself; raises InputError naming `name` if the tokenizer cannot take it (`check_text`)."""
     try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as error:
-        raise InputError(f"{name}: not valid Unicode: a lone surrogate {text[error.start]!r} at character "
-                         f"{error.start}", name) from None
-    return text
+        return check_text(text, name)
+    except ValueError as error:
+        raise InputError(str(error), name) from None
 
 
 def parse_item(item, name: str, strings: str = "text") -> Text | ImageRef:
