@@ -73,7 +73,9 @@ def load_image(source: ImageSource, *, do_convert_rgb: bool | None = None) -> Im
     a tRNS chunk, is composited too, as in transformers); False refuses images that are not RGB.
 
     Raises `ImageError` for anything else: missing files, directories, dangling symlinks, empty, truncated or
-    undecodable files, and images larger than `PIL.Image.MAX_IMAGE_PIXELS` (decompression bombs).
+    undecodable files, and images of more than twice `PIL.Image.MAX_IMAGE_PIXELS` pixels (decompression
+    bombs; 179 million by default, the size past which PIL, hence transformers' processor, refuses too: the
+    12000x9000 photo of a 108-megapixel phone decodes).
     Truncated files are never half-decoded: this refuses to run while `PIL.ImageFile.LOAD_TRUNCATED_IMAGES`
     is set, because PIL would then fill in the missing part silently.
     """
@@ -121,7 +123,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
 def _decode(file, name: str) -> Image.Image:
     """Opens an encoded image, refusing decompression bombs before any pixel is decoded."""
     try:
-        with warnings.catch_warnings():  # PIL warns over MAX_IMAGE_PIXELS; refused below, in one line
+        with warnings.catch_warnings():  # PIL warns between MAX_IMAGE_PIXELS and twice it: a big photo, decoded
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(file)  # reads the header only
             image.seek(0)  # the first frame of an animated image
@@ -132,16 +134,11 @@ def _decode(file, name: str) -> Image.Image:
                              f"plugin such as pillow-heif is not installed, or the file is damaged); convert it to "
                              f"JPEG or PNG") from None
         raise ImageError(f"{name}: not an image (cannot identify image file)") from None
-    except Image.DecompressionBombError as error:  # PIL's own limit, twice MAX_IMAGE_PIXELS
-        raise ImageError(f"{name}: too large, a decompression bomb? ({first_line(error)})") from None
+    except Image.DecompressionBombError as error:  # past twice MAX_IMAGE_PIXELS, from the header alone
+        raise ImageError(f"{name}: too large, a decompression bomb? ({first_line(error)}; raise "
+                         f"PIL.Image.MAX_IMAGE_PIXELS to accept it)") from None
     except Exception as error:  # PIL plugins raise many exception types on corrupt headers
         raise ImageError(f"{name}: cannot decode ({first_line(error)})") from None
-    limit = Image.MAX_IMAGE_PIXELS
-    if limit is not None and image.width * image.height > limit:
-        raise ImageError(
-            f"{name}: too large, a decompression bomb? ({image.width}x{image.height} pixels, "
-            f"more than PIL.Image.MAX_IMAGE_PIXELS = {limit})"
-        )
     return _decoded(image, name)
 
 
