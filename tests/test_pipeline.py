@@ -182,7 +182,7 @@ def test_naflex_pipeline(tmp_path, tokenizer_model, photo_files):
 
 def test_load_errors_are_one_clear_line(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(SourceError, match="no such directory"):
+    with pytest.raises(SourceError, match="nowhere: no such file or directory"):
         siglip2_jax.load(tmp_path / "nowhere")
     with pytest.raises(SourceError, match="pass the local directory"):
         siglip2_jax.load("google/siglip2-base-patch16-224")
