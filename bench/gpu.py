@@ -3,18 +3,26 @@
 
     python bench/gpu.py                                  # So400m/14@384, B/16@224, NaFlex So400m/16 @256
     python bench/gpu.py --price-per-hour 3.5 --peak-tflops 989    # the machine's price and bf16 dense peak
-    python bench/gpu.py --variants b16-224 --batch 2 --reps 1 --images 8 --no-compile   # a CPU smoke run
+    python bench/gpu.py --variants b16-224 --batch 2 --reps 1 --images 8 --compile   # a CPU smoke run
 
 For each variant, with random weights at full size built by bench/speed.py's `reference_model` (the same
 weights on both sides), in one process and alternating rounds:
-  ours      `Siglip2Pipeline.embed_preprocessed` in bfloat16 (host arrays in, embeddings on the device)
+  ours      `Siglip2Pipeline.embed_preprocessed` in bfloat16
   sdpa      transformers, attn_implementation="sdpa", bfloat16, on the same GPU
   compile   the same under `torch.compile` (inductor)
-The weights are redrawn at trained magnitude (tests/reference.py's `trained_size_`, as bench/peers.py does),
-and every side's embeddings are compared with transformers fp32 first (minimum cosine). MFU is the model's FLOPs
+The weights are redrawn at trained magnitude (tests/reference.py's `trained_size_`, as bench/peers.py does).
+Every side starts from host arrays and ends with host embeddings (the transfers are timed too), and its
+embeddings are compared with transformers fp32 first (minimum cosine). MFU is the model's FLOPs
 (bench/speed.py's `model_flops`) per second over --peak-tflops (default: the H200's 989 TFLOP/s bf16 dense,
 from NVIDIA's datasheet; our own 8192^2 bf16 matmul is printed beside it). ONNX Runtime CUDA is run when
 `onnxruntime-gpu` is installed; otherwise the script says so.
+
+float32, B/16@224 images: ours as shipped (float32 dots computed in float32), ours with JAX's default
+precision (TF32 on NVIDIA GPUs since Ampere) and transformers sdpa float32 (TF32 off, torch's default), each
+with its largest difference from transformers eager float32.
+
+The steps run in this order, each on its own (a failing one is reported and the rest still run), and --json
+is rewritten after each: embed, the variants, float32.
 
 `embed` end to end: --images 640x480 JPEG files in a folder -> `siglip2_jax.embed.embed` (listing, decoding
 in worker processes, the model, parts written to disk) with the B/16@224 model, timed after a warm-up
@@ -24,6 +32,7 @@ run; cost per 1,000 images = --price-per-hour / 3600 / (images/s) * 1000.
 from __future__ import annotations
 
 import argparse
+import gc
 import io
 import json
 import statistics
@@ -37,7 +46,7 @@ import numpy as np
 import torch
 
 import siglip2_jax
-from peers import Tower, cosine, torch_args, trained_size_
+from peers import Tower, cosine, normalized, torch_args, trained_size_
 from speed import VARIANTS, inputs, model_flops, reference_model
 
 VARIANTS = {**VARIANTS, "naflex-so400m16-256": "siglip2-so400m-patch16-naflex"}
@@ -66,6 +75,7 @@ def synchronize(device):
 
 
 def bench_variant(key: str, batch: int, reps: int, use_compile: bool, peak: float, device) -> list[dict]:
+    """Rows of one variant: image and text towers, each runtime's items/s, MFU and cosine to fp32."""
     rows = []
     with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
         references = reference_model(VARIANTS[key], tmp, torch.float32)
@@ -74,19 +84,21 @@ def bench_variant(key: str, batch: int, reps: int, use_compile: bool, peak: floa
         fp32.save_pretrained(tmp)
         references["sdpa"].load_state_dict(fp32.state_dict())
         sdpa = references["sdpa"].to(device, torch.bfloat16)
+        fp32 = fp32.to(device)   # the truth in float32 on the GPU too (TF32 is off: see main)
         ours = siglip2_jax.load(tmp, dtype=jnp.bfloat16)
         naflex = ours.config.vision.naflex
         for kind in ("image", "text"):
             images, ids = inputs(ours.config, batch)
             x = ids if kind == "text" else images
             args = torch_args(kind, x)
-            truth = Tower(fp32, kind, naflex)(*args).numpy()
-            tower, device_args = Tower(sdpa, kind, naflex).eval(), on(device, args, torch.bfloat16)
+            truth = Tower(fp32, kind, naflex)(*on(device, args, torch.float32)).cpu().numpy()
+            tower = Tower(sdpa, kind, naflex).eval()
+            # every side starts from host arrays and ends with host embeddings, as a user's batch does
             calls = {"ours": lambda x=x, kind=kind: ours.embed_preprocessed(x, kind).result(),
-                     "sdpa": lambda: tower(*device_args).float().cpu().numpy()}
+                     "sdpa": lambda: tower(*on(device, args, torch.bfloat16)).float().cpu().numpy()}
             if use_compile:
                 compiled = torch.compile(tower)
-                calls["compile"] = lambda: compiled(*device_args).float().cpu().numpy()
+                calls["compile"] = lambda: compiled(*on(device, args, torch.bfloat16)).float().cpu().numpy()
             notes = {name: f"cos {cosine(call(), truth):.5f}" for name, call in calls.items()}  # also the warm-up
             samples = {name: [] for name in calls}
             for rep in range(reps):
@@ -108,6 +120,55 @@ def bench_variant(key: str, batch: int, reps: int, use_compile: bool, peak: floa
                              for r in rows[-len(median):])
             print(f"{key:>20} {kind:>5} b={batch}: {line}  ours/{best_torch} {median[best_torch] / median['ours']:.2f}x",
                   flush=True)
+    return rows
+
+
+def bench_fp32(key: str, batch: int, reps: int, device) -> list[dict]:
+    """float32 on the GPU: ours as shipped (float32 dots in float32, `model.layers.exact_float32_dots`), ours
+    with JAX's default precision (TF32 on this GPU) and transformers sdpa float32 (TF32 off, its default),
+    image tower: images/s and the largest difference of unit embeddings from transformers eager float32."""
+    import contextlib
+
+    from flax import nnx
+
+    from siglip2_jax.model import vision
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
+        references = reference_model(VARIANTS[key], tmp, torch.float32)
+        eager = trained_size_(references["eager"])
+        eager.save_pretrained(tmp)
+        references["sdpa"].load_state_dict(eager.state_dict())
+        model = siglip2_jax.load(tmp, dtype=jnp.float32).model
+        images, _ = inputs(model.config, batch)
+        args = on(device, torch_args("image", images), torch.float32)
+        truth = normalized(Tower(eager.to(device), "image", False)(*args).cpu().numpy())
+        sdpa = Tower(references["sdpa"].to(device), "image", False)
+        host = torch_args("image", images)
+        graph, state = nnx.split(model)
+        calls, shipped = {}, vision.exact_float32_dots
+        try:
+            for name, context in (("ours-fp32", shipped), ("ours-fp32-jax-default", lambda dtype: contextlib.nullcontext())):
+                vision.exact_float32_dots = context   # read when the tower is traced
+                compiled = jax.jit(lambda state, x: nnx.merge(graph, state).vision(x).pooled).lower(state, images).compile()
+                calls[name] = lambda compiled=compiled: np.asarray(compiled(state, images))
+        finally:
+            vision.exact_float32_dots = shipped
+        calls["sdpa-fp32"] = lambda: sdpa(*on(device, host, torch.float32)).cpu().numpy()
+        error = {name: float(np.abs(normalized(call()) - truth).max()) for name, call in calls.items()}
+        samples = {name: [] for name in calls}
+        for rep in range(reps):
+            for name in list(calls)[rep % len(calls):] + list(calls)[:rep % len(calls)]:
+                synchronize(device)
+                t = time.perf_counter()
+                calls[name]()
+                synchronize(device)
+                samples[name].append(time.perf_counter() - t)
+    for name, times in samples.items():
+        rows.append(dict(variant=key, kind="image", batch=batch, runtime=name, per_s=batch / statistics.median(times),
+                         max_abs_diff=error[name]))
+    print(f"{key:>20} image b={batch} float32: " + "  ".join(
+        f"{r['runtime']} {r['per_s']:8.1f}/s (max |diff| {r['max_abs_diff']:.1e})" for r in rows), flush=True)
     return rows
 
 
@@ -159,7 +220,9 @@ def main(argv=None):
                         choices=VARIANTS)
     parser.add_argument("--batch", type=int, default=64, help="rows per timed call (default 64)")
     parser.add_argument("--reps", type=int, default=10)
-    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile (minutes of compiling)")
+    parser.add_argument("--compile", nargs="*", default=["b16-224", "so400m14-384"], choices=VARIANTS,
+                        help="the variants also timed under torch.compile, each tower a minute or more of compiling "
+                             "(default: b16-224 so400m14-384; none: --compile with no names)")
     parser.add_argument("--images", type=int, default=2048, help="JPEGs for the embed run (default 2048)")
     parser.add_argument("--price-per-hour", type=float, default=3.5,
                         help="the machine's price in $/h for the cost column (default 3.5: an assumed on-demand "
@@ -169,16 +232,34 @@ def main(argv=None):
     parser.add_argument("--json", help="also write every row to this file")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False   # the fp32 truth in fp32
     print(f"{jax.devices()[0].device_kind} x{jax.device_count()} (jax {jax.__version__}), torch {torch.__version__} on "
           f"{device}; bf16 8192^2 matmul {bf16_matmul_tflops():.0f} TFLOP/s, MFU against {args.peak_tflops:g}",
           flush=True)
-    rows = [r for key in args.variants
-            for r in bench_variant(key, args.batch, args.reps, not args.no_compile, args.peak_tflops, device)]
-    embed_row = bench_embed(args.images, args.batch, args.price_per_hour)
+    results = {"towers": [], "embed": None, "failed": []}
+
+    def save():
+        if args.json:   # after every step: a run stopped at its time limit keeps what it measured
+            Path(args.json).write_text(json.dumps(results, indent=2))
+
+    steps = [("embed", lambda: results.update(embed=bench_embed(args.images, args.batch, args.price_per_hour)))]
+    steps += [(key, lambda key=key: results["towers"].extend(bench_variant(
+        key, args.batch, args.reps, key in args.compile, args.peak_tflops, device))) for key in args.variants]
+    steps += [("fp32", lambda: results["towers"].extend(bench_fp32("b16-224", args.batch, args.reps, device)))]
+    for name, step in steps:
+        try:
+            step()
+        except Exception as error:   # one failing step must not cost the others' device time
+            results["failed"].append(f"{name}: {type(error).__name__}: {error}")
+            print(f"{name} FAILED: {type(error).__name__}: {error}", flush=True)
+        save()
+        gc.collect()   # the step's models, before the next step's
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     print(onnxruntime_cuda_note(), flush=True)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"towers": rows, "embed": embed_row}, indent=2))
+    save()
+    return 1 if results["failed"] else 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

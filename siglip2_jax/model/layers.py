@@ -11,6 +11,7 @@ Conventions:
 
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple, Sequence
 
 import jax
@@ -37,6 +38,19 @@ class TowerOutput(NamedTuple):
     tokens: Array
     mask: Array | None = None
     hidden: Array | None = None
+
+
+def exact_float32_dots(dtype):
+    """The context a tower is traced in: for a float32 `dtype`, every dot on float32 inputs is computed in
+    float32 (`jax.default_matmul_precision("float32")`); for other dtypes, nothing changes.
+
+    Why: by default JAX computes float32 dots in TF32 on NVIDIA GPUs since Ampere, and in one bfloat16 pass
+    on TPU (JAX's "Matmul precision" page), about 1e-3 relative error; transformers computes float32 in
+    float32 (torch's `allow_tf32` is off for matmuls by default). A float32 model here means float32
+    numbers, on every backend; bfloat16 is the fast dtype. On CPU this changes nothing."""
+    if jnp.dtype(dtype) == jnp.float32:
+        return jax.default_matmul_precision("float32")
+    return contextlib.nullcontext()
 
 
 def param(rngs: nnx.Rngs | None, shape, axes, dtype, init=_lecun) -> nnx.Param:

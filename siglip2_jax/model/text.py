@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ..config import TextConfig
-from .layers import Encoder, LayerNorm, TowerOutput, in_row_blocks, matmul, param, zeros
+from .layers import Encoder, LayerNorm, TowerOutput, exact_float32_dots, in_row_blocks, matmul, param, zeros
 
 Array = jax.Array
 
@@ -45,9 +45,10 @@ class TextTower(nnx.Module):
             raise ValueError(f"expected token ids of shape (batch, {self.max_length}), got {tuple(token_ids.shape)}")
         length = token_ids.shape[1]
         x = jnp.take(self.token_embed[...], token_ids, axis=0).astype(jnp.float32) + self.position[:length]
-        x, hidden = self.encoder(x.astype(self.dtype), None, hidden_layers)
-        tokens = self.final_norm(x)
-        compute = self.dtype
-        kernel, bias = self.head_kernel[...].astype(compute), self.head_bias[...].astype(compute)
-        pooled = in_row_blocks(lambda r: matmul(r, kernel) + bias, tokens[:, -1])
+        with exact_float32_dots(self.dtype):
+            x, hidden = self.encoder(x.astype(self.dtype), None, hidden_layers)
+            tokens = self.final_norm(x)
+            compute = self.dtype
+            kernel, bias = self.head_kernel[...].astype(compute), self.head_bias[...].astype(compute)
+            pooled = in_row_blocks(lambda r: matmul(r, kernel) + bias, tokens[:, -1])
         return TowerOutput(pooled.astype(jnp.float32), tokens, None, hidden)

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ..config import VisionConfig
-from .layers import Encoder, LayerNorm, MapHead, TowerOutput, param, zeros
+from .layers import Encoder, LayerNorm, MapHead, TowerOutput, exact_float32_dots, param, zeros
 
 if TYPE_CHECKING:  # the model does not import preprocessing (PIL); a NaFlexBatch is a NamedTuple pytree
     from ..images import NaFlexBatch
@@ -164,8 +164,9 @@ class VisionTower(nnx.Module):
         """images: FixRes pixels (B, S, S, 3); NaFlex a `NaFlexBatch`. Returns a `TowerOutput`: pooled (B, D)
         float32, tokens (B, N, D) post-LayerNorm patch features, mask (B, N) bool or None (FixRes), hidden
         (len(hidden_layers), B, N, D) the outputs of the encoder blocks asked for (None: not asked)."""
-        x, key_mask = self.embed(images)
-        x, hidden = self.encoder(x.astype(self.dtype), key_mask, hidden_layers)
-        tokens = self.post_norm(x)
-        pooled = self.head(tokens, key_mask).astype(jnp.float32)
+        with exact_float32_dots(self.dtype):
+            x, key_mask = self.embed(images)
+            x, hidden = self.encoder(x.astype(self.dtype), key_mask, hidden_layers)
+            tokens = self.post_norm(x)
+            pooled = self.head(tokens, key_mask).astype(jnp.float32)
         return TowerOutput(pooled, tokens, key_mask, hidden)
