@@ -39,7 +39,6 @@ import os
 import platform
 import re
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -54,8 +53,18 @@ from siglip2_jax.images import NaFlexBatch
 from machine import describe, matmul_peak_gflops
 from speed import VARIANTS, inputs, model_flops, reference_model
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.reference import trained_size_  # noqa: E402
+
+def _test_reference():
+    """tests/reference.py, loaded from its file: putting the repository on sys.path would shadow an installed
+    siglip2_jax (and send decoding workers to the source tree)."""
+    path = Path(__file__).resolve().parents[1] / "tests" / "reference.py"
+    spec = importlib.util.spec_from_file_location("siglip2_jax_test_reference", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+trained_size_ = _test_reference().trained_size_
 
 RUNTIMES = ("ours", "ours-bf16", "eager", "sdpa", "compile", "ort", "ort-int8", "openvino")
 REDUCED = ("ours-bf16", "ort-int8")   # reduced precision: reported by cosine, not held to --atol

@@ -1,6 +1,6 @@
 """What differs between CPU and accelerators: every default this package picks by `jax.default_backend()`.
 
-    attention_implementation   "einsum" except on GPU (cudnn-capable `dot_product_attention` there)
+    attention_implementation   "einsum" except on GPU (`jax.nn.dot_product_attention`'s own default there)
     attention_in_pair_groups   CPU: the einsum attention loops over groups of (image, head) pairs
     tokens_per_call            CPU: a batch runs as calls of at most CPU_TOKENS_PER_CALL tokens per device
     scaled_to_l2               CPU cache budgets (tokens per call, attention logits per step) scaled to this L2
@@ -83,7 +83,9 @@ def backend() -> str:
 
 def attention_implementation() -> str | None:
     """The attention kernel when none is asked for: "einsum" (heads-major einsums, the fastest on CPU)
-    everywhere but on GPU, where None lets `jax.nn.dot_product_attention` choose (cudnn flash attention)."""
+    everywhere but on GPU, where None is `jax.nn.dot_product_attention`'s default: XLA's attention in JAX
+    0.10 and 0.11 (its source: "defaults to XLA for now"), which writes the logits to memory, not cuDNN's
+    fused kernel. `bench/gpu.py` times both ("ours" and "ours-cudnn") for the choice on a lent GPU."""
     return None if backend() == "gpu" else "einsum"
 
 
