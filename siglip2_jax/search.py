@@ -40,7 +40,7 @@ def search(out: str | Path, query: str | None = None, *, image=None, top_k: int 
     if top_k < 1 or chunk_rows < 1:
         raise EmbedError(f"--top-k {top_k} / --chunk-rows {chunk_rows}: must be at least 1")
     manifest = read_manifest(out)
-    pipeline = _model_for(manifest, model)
+    pipeline = _model_for(manifest, model, out)
     query_kind = "text" if query is not None else "image"
     vector = (pipeline.encode_texts([query]) if query is not None else pipeline.encode_images([image]))[0]
     scores, parts, rows = top_k_scores(out, vector, top_k, chunk_rows=chunk_rows, partial=partial)
@@ -86,7 +86,7 @@ def _best(k, scores, parts, rows):
     return scores[order], parts[order], rows[order]
 
 
-def _model_for(manifest: dict, model):
+def _model_for(manifest: dict, model, out):
     from .model_source import ModelSource
     from .pipeline import Siglip2Pipeline, load
 
@@ -102,8 +102,12 @@ def _model_for(manifest: dict, model):
                     raise EmbedError(f"this pipeline has {name}={ours[name]}, OUT was embedded with {value}: "
                                      f"load the model with {name}={value}")
         return model
-    given = model if model is not None else manifest["model"]["source"]
+    recorded = manifest.get("model") if isinstance(manifest.get("model"), dict) else {}
+    if model is None and not isinstance(recorded.get("source"), str):   # a manifest written by hand
+        raise EmbedError(f"{Path(out) / 'manifest.json'}: names no model (model.source); pass the model OUT was "
+                         "embedded with")
+    given = model if model is not None else recorded["source"]
     source = ModelSource(given)
-    if source.fingerprint != manifest["model"]["fingerprint"]:
-        raise EmbedError(f"{given}: not the model this OUT was embedded with ({manifest['model']['source']})")
+    if isinstance(recorded.get("fingerprint"), str) and source.fingerprint != recorded["fingerprint"]:
+        raise EmbedError(f"{given}: not the model this OUT was embedded with ({recorded.get('source')})")
     return load(source, **settings)

@@ -15,6 +15,7 @@ import pytest
 
 import siglip2_jax
 from siglip2_jax.embed import embed, read_embeddings
+from siglip2_jax.embed_store import EmbedError
 from siglip2_jax.search import search, top_k_scores
 from test_embed import write_photos
 from conftest import run_notebook
@@ -83,6 +84,19 @@ def test_chunked_top_k_is_exact_for_every_chunk_size(tmp_path):
             starts = np.cumsum([0] + sizes)
             assert (starts[parts] + part_rows).tolist() == expected[:k].tolist(), (chunk_rows, k)
             assert np.allclose(got_scores, scores[expected[:k]], atol=1e-5)
+    # such a manifest names no model: searching it needs one, and says so instead of a KeyError
+    with pytest.raises(EmbedError, match=f"{tmp_path / 'manifest.json'}: names no model"):
+        search(tmp_path, "a red circle")
+
+
+def test_a_hand_written_manifest_searches_with_the_model_given(fixres, tmp_path):
+    """No model recorded, so nothing to check it against: the model given is used (here: its width is not OUT's)."""
+    (tmp_path / "parts").mkdir()
+    manifest = {"format": "siglip2-jax-embeddings", "format_version": 1, "kind": "image", "dim": 8, "num_parts": 0,
+                "options": {"dtype": "float32"}}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(EmbedError, match="holds 8-wide embeddings"):
+        search(tmp_path, "a red circle", model=fixres[1])
 
 
 def _main(argv) -> tuple[int, str, str]:
