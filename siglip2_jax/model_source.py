@@ -52,11 +52,15 @@ class ModelSource:
     def preprocessor(self, *, max_num_patches: int | None = None, image_size: int | None = None) -> ImagePreprocessor | None:
         """The image preprocessor its processor config describes (`ImagePreprocessor.from_dir`), with the
         NaFlex budget / FixRes size overridden when given; None for a text-only model. Raises ConfigError
-        for an unimplemented processor setting, or an `image_size` for a model without an image tower."""
+        for an unimplemented processor setting, an `image_size` for a model without an image tower or a
+        NaFlex one, or a `max_num_patches` for a FixRes one."""
         if self.config.vision is None:
             if image_size is not None:
                 raise ConfigError(f"image_size={image_size}: {self.given} has no image tower")
             return None
+        if max_num_patches is not None and not self.config.vision.naflex:   # it would be ignored without a word
+            raise ConfigError(f"max_num_patches={max_num_patches}: {self.given} is a FixRes model, which takes "
+                              "image_size (--image-size) instead; the patch budget is for NaFlex models")
         return ImagePreprocessor.from_dir(self.directory, self.config.vision, max_num_patches=max_num_patches,
                                           image_size=image_size)
 

@@ -13,6 +13,7 @@ from PIL import Image
 import siglip2_jax
 from siglip2_jax import defaults
 from siglip2_jax.checkpoint import SourceError
+from siglip2_jax.config import ConfigError
 from siglip2_jax.sharding import make_mesh
 from conftest import hf_dir_for, run_notebook
 
@@ -186,6 +187,16 @@ def test_load_errors_are_one_clear_line(tmp_path, monkeypatch):
         siglip2_jax.load(tmp_path / "nowhere")
     with pytest.raises(SourceError, match="pass the local directory"):
         siglip2_jax.load("google/siglip2-base-patch16-224")
+
+
+def test_a_setting_of_the_other_family_is_refused_not_ignored(fixres, tmp_path, tokenizer_model):
+    """A patch budget means nothing to a FixRes model and an input size nothing to a NaFlex one: each is
+    refused naming the setting and the one to use, before any weights are read."""
+    with pytest.raises(ConfigError, match="max_num_patches=576: .* is a FixRes model, which takes image_size"):
+        siglip2_jax.load(fixres[1], max_num_patches=576)
+    naflex = hf_dir_for(tmp_path, "siglip2-base-patch16-naflex", tokenizer_model)
+    with pytest.raises(ConfigError, match="image_size=256: only for FixRes models; NaFlex models take max_num_patches"):
+        siglip2_jax.load(naflex, image_size=256)
 
 
 def test_notebook_runs_top_to_bottom(fixres, tmp_path):

@@ -155,7 +155,8 @@ class _Run:
         _check_same_run(self.out, settings)
 
         source, image_size = ModelSource(settings.model), settings.image_size or None
-        images = source.preprocessor(max_num_patches=settings.max_num_patches, image_size=image_size)
+        naflex = source.config.vision is not None and source.config.vision.naflex   # the budget has a default
+        images = source.preprocessor(max_num_patches=settings.max_num_patches if naflex else None, image_size=image_size)
         if source.tokenizer is None:
             raise ValueError(f"{settings.model}: has no tokenizer (tokenizer.model or tokenizer.json)")
         self.config, self.assets_dir = source.config_at(image_size), source.directory
