@@ -23,7 +23,8 @@ precision (TF32 on NVIDIA GPUs since Ampere) and transformers sdpa float32 (TF32
 with its largest difference from transformers eager float32.
 
 The steps run in this order, each on its own (a failing one is reported and the rest still run), and --json
-is rewritten after each: embed, the variants, float32.
+is rewritten after each: the towers' GEMMs (XLA as we call it, XLA with a bf16 result, torch), embed, the
+variants, float32.
 
 `embed` end to end: `siglip2-jax embed` in its own process, as a user runs it (listing, decoding in worker
 processes, the model, parts written to disk), B/16@224 in bfloat16 on --images/4 and on --images 640x480
@@ -58,7 +59,8 @@ H200_BF16_DENSE_TFLOPS = 989.0   # NVIDIA H200 SXM datasheet, dense (without spa
 
 
 def bf16_matmul_tflops(n: int = 8192, reps: int = 10) -> float:
-    a = jnp.ones((n, n), jnp.bfloat16)
+    a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n), np.float32), jnp.bfloat16)  # not constant:
+    # a GPU multiplies zeros and ones faster than data
     f = jax.jit(lambda x: x @ x)
     f(a).block_until_ready()
     t = time.perf_counter()
@@ -66,6 +68,43 @@ def bf16_matmul_tflops(n: int = 8192, reps: int = 10) -> float:
         out = f(a)
     out.block_until_ready()
     return 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e12
+
+
+# (tokens per row, in, out) of the towers' largest GEMMs: MLP fc1 (width x MLP width), B/16's fused q|k|v
+GEMM_SHAPES = {"So400m images fc1": (729, 1152, 4304), "So400m texts fc1": (64, 1152, 4304),
+               "B/16 images fc1": (196, 768, 3072), "B/16 images qkv": (196, 768, 3 * 768)}
+
+
+def bench_gemms(device, batch: int, reps: int = 20) -> list[dict]:
+    """The towers' own GEMMs in bf16, TFLOP/s: XLA as the towers call it (`model.attention.matmul`: float32
+    accumulation, bf16 result), XLA asked for a bf16 result directly, and torch (cuBLAS, what transformers
+    runs), at `batch` rows of tokens. Where ours loses to transformers, this says whether the GEMMs are the
+    cause. Best of 3 rounds."""
+    from siglip2_jax.model.attention import matmul
+
+    rows = []
+    for name, (tokens, k, n) in GEMM_SHAPES.items():
+        m = batch * tokens
+        rng = np.random.default_rng(0)
+        a, b = rng.standard_normal((m, k), np.float32), rng.standard_normal((k, n), np.float32) / k ** 0.5
+        ja, jb = jnp.asarray(a, jnp.bfloat16), jnp.asarray(b, jnp.bfloat16)
+        ta, tb = torch.from_numpy(a).to(device, torch.bfloat16), torch.from_numpy(b).to(device, torch.bfloat16)
+        ours, plain = jax.jit(matmul), jax.jit(lambda x, y: x @ y)
+        calls = {"ours": lambda: ours(ja, jb).block_until_ready(), "xla-bf16-out": lambda: plain(ja, jb).block_until_ready(),
+                 "torch": lambda: (ta @ tb, synchronize(device))}
+        best = {}
+        for _ in range(3):
+            for label, call in calls.items():
+                call()
+                t = time.perf_counter()
+                for _ in range(reps):
+                    call()
+                best[label] = min(best.get(label, float("inf")), (time.perf_counter() - t) / reps)
+        row = dict(gemm=name, m=m, k=k, n=n, **{f"{label}_tflops": 2 * m * k * n / best[label] / 1e12 for label in calls})
+        rows.append(row)
+        print(f"GEMM {name} ({m}x{k}x{n}) bf16 TFLOP/s: " + "  ".join(f"{label} {row[label + '_tflops']:.0f}"
+                                                                     for label in calls), flush=True)
+    return rows
 
 
 def on(device, args: tuple, dtype) -> tuple:
@@ -282,13 +321,14 @@ def main(argv=None):
     print(f"{jax.devices()[0].device_kind} x{jax.device_count()} (jax {jax.__version__}), torch {torch.__version__} on "
           f"{device}; bf16 8192^2 matmul {bf16_matmul_tflops():.0f} TFLOP/s, MFU against {args.peak_tflops:g}",
           flush=True)
-    results = {"towers": [], "embed": None, "failed": []}
+    results = {"gemms": [], "towers": [], "embed": None, "failed": []}
 
     def save():
         if args.json:   # after every step: a run stopped at its time limit keeps what it measured
             Path(args.json).write_text(json.dumps(results, indent=2))
 
-    steps = [("embed", lambda: results.update(embed=bench_embed(args.images, args.batch, args.price_per_hour)))]
+    steps = [("gemms", lambda: results["gemms"].extend(bench_gemms(device, args.batch))),
+             ("embed", lambda: results.update(embed=bench_embed(args.images, args.batch, args.price_per_hour)))]
     steps += [(key, lambda key=key: results["towers"].extend(bench_variant(
         key, args.batch, args.reps, key in args.compile, args.peak_tflops, device))) for key in args.variants]
     steps += [("fp32", lambda: results["towers"].extend(bench_fp32("b16-224", args.batch, args.reps, device)))]

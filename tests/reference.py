@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import transformers
+from transformers.initialization import no_init_weights
 
 from siglip2_jax.config import PRESETS_DIR
 
@@ -77,8 +78,10 @@ def make_reference(hf: dict, seed: int = 0, meta: bool = False):
     if meta:
         with torch.device("meta"):
             return transformers.AutoModel.from_config(config)
-    torch.manual_seed(seed)
-    model = transformers.AutoModel.from_config(config, attn_implementation="eager").eval()
+    # trained_size_ writes every parameter, so transformers' own init would be thrown away: skipped (30 s for
+    # So400m). The weights are the same either way.
+    with no_init_weights():
+        model = transformers.AutoModel.from_config(config, attn_implementation="eager").eval()
     return trained_size_(model, seed)
 
 
