@@ -23,8 +23,13 @@ Array = jax.Array
 
 
 def pair_logits(image_embeds: Array, text_embeds: Array, logit_scale: Array, logit_bias: Array) -> Array:
-    """(images, texts) logits of L2-normalized embeddings: exp(logit_scale) * cosine + logit_bias."""
-    return cosine_logits(image_embeds @ text_embeds.T, logit_scale, logit_bias)
+    """(images, texts) logits of L2-normalized embeddings: exp(logit_scale) * cosine + logit_bias.
+
+    The cosines are float32 dots computed in float32 on every backend: JAX's default on GPU (TF32) and TPU
+    (one bf16 pass) would err by about 1e-3, which the logit scale (about 112 in the released models)
+    multiplies. Their cost is small next to the towers'."""
+    cosine = jnp.matmul(image_embeds, text_embeds.T, precision=jax.lax.Precision.HIGHEST)
+    return cosine_logits(cosine, logit_scale, logit_bias)
 
 
 def cosine_logits(cosine: Array, logit_scale: Array, logit_bias: Array) -> Array:

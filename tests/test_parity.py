@@ -149,23 +149,23 @@ def test_both_attention_paths_match_transformers(small_pair, implementation, sta
 
 
 @pytest.mark.parametrize("implementation", ["xla", "einsum"])
-def test_float32_towers_ask_for_float32_dots(small_pair, implementation):
+def test_float32_models_ask_for_float32_dots(small_pair, implementation):
     """JAX computes float32 dots in TF32 on NVIDIA GPUs since Ampere and in one bfloat16 pass on TPU
     unless a dot asks for more (JAX's "Matmul precision" page); transformers computes float32 in float32.
-    CPU numbers are the same either way, so this reads the program: every dot of a float32 tower asks for
-    HIGHEST, and a bfloat16 tower's only such dot is its float32 patch embedding."""
+    CPU numbers are the same either way, so this reads the program of the whole model (both towers and the
+    logits): every dot of a float32 model asks for HIGHEST, and a bfloat16 model's only such dots are its
+    float32 patch embedding and the float32 logits."""
     config, params, pixels, ids, _ = small_pair
 
     def dots(dtype):
         model = model_from_params(config, params, dtype=dtype, attention_impl=implementation)
-        program = jax.jit(lambda x, t: (model.encode_images(x), model.encode_texts(t))).lower(
-            jnp.asarray(pixels), jnp.asarray(ids)).as_text()
+        program = jax.jit(lambda x, t: model(x, t)).lower(jnp.asarray(pixels), jnp.asarray(ids)).as_text()
         found = [line for line in program.splitlines() if "dot_general" in line]
         return len(found), sum("HIGHEST" in line for line in found)
 
     count, exact = dots(jnp.float32)
-    assert count >= 12 and exact == count   # per tower at least: qkv, attention (2), out, fc1, fc2
-    assert dots(jnp.bfloat16)[1] == 1
+    assert count >= 13 and exact == count   # per tower at least qkv, attention (2), out, fc1, fc2; the logits
+    assert dots(jnp.bfloat16)[1] == 2
 
 
 @pytest.mark.parametrize("bytes_per_step", [1, 40_000], ids=["one_pair", "several_pairs"])
