@@ -25,9 +25,9 @@ Array = jax.Array
 def pair_logits(image_embeds: Array, text_embeds: Array, logit_scale: Array, logit_bias: Array) -> Array:
     """(images, texts) logits of L2-normalized embeddings: exp(logit_scale) * cosine + logit_bias.
 
-    The cosines are float32 dots computed in float32 on every backend: JAX's default on GPU (TF32) and TPU
-    (one bf16 pass) would err by about 1e-3, which the logit scale (about 112 in the released models)
-    multiplies. Their cost is small next to the towers'."""
+    The cosines are float32 dots computed in float32 on every backend. JAX's default on GPU (TF32) and TPU
+    (one bf16 pass) rounds each product to about 1e-3, which leaves a cosine about 1e-4 off, and the logit
+    scale (about 112 in the released models) multiplies that. Their cost is small next to the towers'."""
     cosine = jnp.matmul(image_embeds, text_embeds.T, precision=jax.lax.Precision.HIGHEST)
     return cosine_logits(cosine, logit_scale, logit_bias)
 
