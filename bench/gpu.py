@@ -117,6 +117,30 @@ def synchronize(device):
         torch.cuda.synchronize()
 
 
+def alternating_medians(calls: dict, reps: int, device) -> dict[str, float]:
+    """Median seconds of each call over `reps` rounds; each round runs every call once, starting one call
+    further on than the round before, and the device is synchronized around each."""
+    samples = {name: [] for name in calls}
+    for rep in range(reps):
+        for name in list(calls)[rep % len(calls):] + list(calls)[:rep % len(calls)]:
+            synchronize(device)
+            t = time.perf_counter()
+            calls[name]()
+            synchronize(device)
+            samples[name].append(time.perf_counter() - t)
+    return {name: statistics.median(times) for name, times in samples.items()}
+
+
+def trained_references(key: str, directory: str) -> tuple:
+    """transformers' eager and sdpa models of a variant with the same weights of trained magnitude (the
+    default init's hide bf16 error, see peers.py), saved in `directory` for our side to load: (eager, sdpa)."""
+    references = reference_model(VARIANTS[key], directory, torch.float32)
+    eager = trained_size_(references["eager"])
+    eager.save_pretrained(directory)
+    references["sdpa"].load_state_dict(eager.state_dict())
+    return eager, references["sdpa"]
+
+
 def with_cudnn(call):
     """`call()` with `jax.nn.dot_product_attention(implementation="cudnn")` as the towers' attention when they
     are traced: `implementation=None`, this package's GPU default, is XLA's attention in JAX 0.10 and 0.11
@@ -135,12 +159,8 @@ def bench_variant(key: str, batch: int, reps: int, use_compile: bool, peak: floa
     """Rows of one variant: image and text towers, each runtime's items/s, MFU and cosine to fp32."""
     rows = []
     with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
-        references = reference_model(VARIANTS[key], tmp, torch.float32)
-        fp32 = references["eager"]
-        trained_size_(fp32)   # weights of trained magnitude: the default init's hide bf16 error (see peers.py)
-        fp32.save_pretrained(tmp)
-        references["sdpa"].load_state_dict(fp32.state_dict())
-        sdpa = references["sdpa"].to(device, torch.bfloat16)
+        fp32, sdpa = trained_references(key, tmp)
+        sdpa = sdpa.to(device, torch.bfloat16)
         fp32 = fp32.to(device)   # the truth in float32 on the GPU too (TF32 is off: see main)
         ours = siglip2_jax.load(tmp, dtype=jnp.bfloat16)
         cudnn = siglip2_jax.load(tmp, dtype=jnp.bfloat16)   # traced with cuDNN's fused attention (see with_cudnn)
@@ -165,16 +185,7 @@ def bench_variant(key: str, batch: int, reps: int, use_compile: bool, peak: floa
                 except Exception as error:   # cuDNN's attention is not on every GPU, and not on CPU
                     print(f"{key} {kind} {name}: not run: {type(error).__name__}: {str(error)[:300]}", flush=True)
                     del calls[name]
-            samples = {name: [] for name in calls}
-            for rep in range(reps):
-                order = list(calls)[rep % len(calls):] + list(calls)[:rep % len(calls)]
-                for name in order:
-                    synchronize(device)
-                    t = time.perf_counter()
-                    calls[name]()
-                    synchronize(device)
-                    samples[name].append(time.perf_counter() - t)
-            median = {name: statistics.median(times) for name, times in samples.items()}
+            median = alternating_medians(calls, reps, device)
             flops = batch * model_flops(ours.config, kind, ours.config.vision.num_positions)
             for name, seconds in median.items():
                 rows.append(dict(variant=key, kind=kind, batch=batch, runtime=name, per_s=batch / seconds,
@@ -201,16 +212,12 @@ def bench_fp32(key: str, batch: int, reps: int, device) -> list[dict]:
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
-        references = reference_model(VARIANTS[key], tmp, torch.float32)
-        eager = trained_size_(references["eager"])
-        eager.save_pretrained(tmp)
-        references["sdpa"].load_state_dict(eager.state_dict())
+        eager, sdpa = trained_references(key, tmp)
         model = siglip2_jax.load(tmp, dtype=jnp.float32).model
         images, _ = inputs(model.config, batch)
-        args = on(device, torch_args("image", images), torch.float32)
-        truth = normalized(Tower(eager.to(device), "image", False)(*args).cpu().numpy())
-        sdpa = Tower(references["sdpa"].to(device), "image", False)
         host = torch_args("image", images)
+        truth = normalized(Tower(eager.to(device), "image", False)(*on(device, host, torch.float32)).cpu().numpy())
+        sdpa = Tower(sdpa.to(device), "image", False)
         graph, state = nnx.split(model)
         calls, shipped = {}, vision.exact_float32_dots
         try:
@@ -222,16 +229,9 @@ def bench_fp32(key: str, batch: int, reps: int, device) -> list[dict]:
             vision.exact_float32_dots = shipped
         calls["sdpa-fp32"] = lambda: sdpa(*on(device, host, torch.float32)).cpu().numpy()
         error = {name: float(np.abs(normalized(call()) - truth).max()) for name, call in calls.items()}
-        samples = {name: [] for name in calls}
-        for rep in range(reps):
-            for name in list(calls)[rep % len(calls):] + list(calls)[:rep % len(calls)]:
-                synchronize(device)
-                t = time.perf_counter()
-                calls[name]()
-                synchronize(device)
-                samples[name].append(time.perf_counter() - t)
-    for name, times in samples.items():
-        rows.append(dict(variant=key, kind="image", batch=batch, runtime=name, per_s=batch / statistics.median(times),
+        median = alternating_medians(calls, reps, device)
+    for name, seconds in median.items():
+        rows.append(dict(variant=key, kind="image", batch=batch, runtime=name, per_s=batch / seconds,
                          max_abs_diff=error[name]))
     print(f"{key:>20} image b={batch} float32: " + "  ".join(
         f"{r['runtime']} {r['per_s']:8.1f}/s (max |diff| {r['max_abs_diff']:.1e})" for r in rows), flush=True)
