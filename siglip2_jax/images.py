@@ -59,7 +59,8 @@ def load_image(source: ImageSource, *, do_convert_rgb: bool | None = None) -> Im
     `source` may be:
     - a path (str or Path) or the encoded bytes of an image file: decoded by PIL, first frame of an animated
       image, EXIF orientation applied (as transformers' `load_image` does);
-    - a PIL image: its current frame, EXIF orientation applied;
+    - a PIL image: its current frame, as it is (no EXIF rotation: an image already in memory is taken as the
+      caller holds it, as transformers' processor takes it; `PIL.ImageOps.exif_transpose` it first to rotate);
     - a uint8 numpy array: (H, W) or (H, W, 1) grayscale, (H, W, 3) RGB, or (H, W, 4) RGBA. Float arrays are
       refused rather than guessed at (0-1 or 0-255?); convert with `(x * 255).round().astype(np.uint8)`.
 
@@ -80,7 +81,7 @@ def load_image(source: ImageSource, *, do_convert_rgb: bool | None = None) -> Im
     is set, because PIL would then fill in the missing part silently.
     """
     if isinstance(source, Image.Image):
-        return _as_rgb(_decoded(source, "<PIL image>"), "<PIL image>", do_convert_rgb)
+        return _as_rgb(_decoded(source, "<PIL image>", exif_transpose=False), "<PIL image>", do_convert_rgb)
     if isinstance(source, np.ndarray):
         return _as_rgb(_image_from_array(source), "<array>", do_convert_rgb)
     if isinstance(source, (bytes, bytearray)):
@@ -151,13 +152,13 @@ def _iso_media_brand(file) -> str | None:
     return None
 
 
-def _decoded(image: Image.Image, name: str) -> Image.Image:
+def _decoded(image: Image.Image, name: str, exif_transpose: bool = True) -> Image.Image:
     """Decodes all pixels now (PIL is lazy) and applies the EXIF orientation; truncated data is refused."""
     if ImageFile.LOAD_TRUNCATED_IMAGES and getattr(image, "tile", None):  # PIL would fill in what is missing
         raise ImageError(f"{name}: refusing to decode while PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True")
     try:
         image.load()
-        return ImageOps.exif_transpose(image)
+        return ImageOps.exif_transpose(image) if exif_transpose else image
     except Exception as error:  # truncated data is an OSError; corrupt data can be anything
         raise ImageError(f"{name}: cannot decode ({first_line(error)})") from None
 

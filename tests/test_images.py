@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageFile, features
+from PIL import Image, ImageFile, ImageOps, features
 
 from conftest import png_header_only
 from siglip2_jax.images import (
@@ -274,7 +274,15 @@ def test_exif_orientation_is_applied(tmp_path):
     assert decoded.size == (40, 20)
     assert np.array_equal(np.asarray(ours), np.asarray(decoded.transpose(Image.Transpose.ROTATE_270)))
     assert np.array_equal(np.asarray(ours), np.asarray(hf_load_image(str(tmp_path / "rotated.jpg"))))
-    assert np.array_equal(np.asarray(load_image(Image.open(tmp_path / "rotated.jpg"))), np.asarray(ours))
+    # An image already opened is taken as the caller holds it, as transformers' processor takes it.
+    opened = Image.open(tmp_path / "rotated.jpg")
+    assert np.array_equal(np.asarray(load_image(opened)), np.asarray(decoded))
+    reference = _hf_fixres(32)([Image.open(tmp_path / "rotated.jpg")], return_tensors="np")["pixel_values"]
+    assert np.array_equal(preprocess_fixres(opened, 32), reference.transpose(0, 2, 3, 1))
+    hf_naflex = _hf_naflex(16)([Image.open(tmp_path / "rotated.jpg")], return_tensors="np")
+    assert hf_naflex["spatial_shapes"].tolist() == [[3, 5]]  # still wider than high
+    assert np.array_equal(preprocess_naflex(opened, max_num_patches=16).spatial_shapes, hf_naflex["spatial_shapes"])
+    assert np.array_equal(np.asarray(load_image(ImageOps.exif_transpose(opened))), np.asarray(ours))
 
 
 def test_animated_gif_uses_the_first_frame(tmp_path):
