@@ -260,6 +260,26 @@ def test_bad_requests_get_openai_shaped_errors(server, body, status, needle):
     assert httpx.get(server.url + "/health").status_code == 200
 
 
+@pytest.mark.parametrize("raw", [
+    b"GARBAGE\r\n\r\n",
+    b"GET /health HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+    b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n",
+    b"GET /health HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+], ids=["request-line", "two-lengths", "header", "chunk-size"])
+def test_malformed_http_gets_a_json_error(server, raw):
+    # h11 refuses these before the app sees them; the refusal is still one JSON error in the OpenAI shape
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as connection:
+        connection.sendall(raw)
+        response = http.client.HTTPResponse(connection)
+        response.begin()
+        body = response.read()
+    assert response.status == 400, body
+    assert response.getheader("content-type") == "application/json"
+    error = json.loads(body)["error"]
+    assert set(error) == {"message", "type", "param", "code"} and "not a valid HTTP/1.1 request" in error["message"]
+    assert httpx.get(server.url + "/health").status_code == 200
+
+
 def test_classify_refusals(server):
     image = data_url(png(2))
     cases = [({"images": [image], "labels": ["a", "a"]}, "given twice"),

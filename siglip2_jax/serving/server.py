@@ -21,7 +21,7 @@ def serve(pipeline, settings, listener: socket.socket) -> None:
     print(f"siglip2-jax serve: {settings.model_name} on http://{host}:{port}; compiling every batch "
           f"shape first (GET /health turns 200 when ready)", file=sys.stderr, flush=True)
     app = create_app(pipeline, settings)
-    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=60)
+    config = uvicorn.Config(app, http=_json_error_h11_protocol(), log_level="warning", timeout_graceful_shutdown=60)
     # uvicorn re-raises the signal that stopped it once it is done; with these no-op handlers in place
     # the re-raised signal does nothing and a clean shutdown exits 0
     previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -45,6 +45,30 @@ def bound_socket(host: str, port: int) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+def _json_error_h11_protocol():
+    """uvicorn's h11 protocol, except that a request that is not valid HTTP/1.1 (a garbled request line, a bad
+    header, conflicting lengths: what h11 refuses before the app sees anything) gets a JSON error in the app's
+    OpenAI shape, `{"error": {...}}`, where uvicorn writes plain text. Status 400, then the connection closes,
+    as uvicorn does."""
+    import json
+
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class JsonErrorH11Protocol(H11Protocol):
+        def send_400_response(self, msg: str) -> None:
+            body = json.dumps({"error": {"message": "not a valid HTTP/1.1 request (the request line, a header or "
+                                                    "the framing could not be parsed)",
+                                         "type": "invalid_request_error", "param": None, "code": "bad_http"}})
+            headers = [(b"content-type", b"application/json"), (b"connection", b"close")]
+            for event in (h11.Response(status_code=400, headers=headers), h11.Data(data=body.encode()),
+                          h11.EndOfMessage()):
+                self.transport.write(self.conn.send(event))
+            self.transport.close()
+
+    return JsonErrorH11Protocol
 
 
 def _draining_server(config, state):
