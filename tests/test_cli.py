@@ -202,6 +202,22 @@ def test_port_out_of_range_is_refused_before_the_model_loads(capsys):
     assert "argument --port: 99999: must be at most 65535" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag, value, needle", [
+    ("--max-wait-ms", "inf", "must be at most 60000 ms"),   # overflowed the batcher's wait: its thread died
+    ("--max-wait-ms", "1e16", "must be at most 60000 ms"),
+    ("--fetch-timeout-s", "1e300", "must be at most 3600 s"),
+    ("--body-timeout-s", "inf", "must be at most 3600 s"),
+    ("--max-batch-size", "100000", "must be at most 4096"),  # compiled every bucket up to it, for minutes
+])
+def test_serve_limits_have_an_upper_bound(capsys, flag, value, needle):
+    from siglip2_jax.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["serve", "ckpt/b16-224", flag, value])
+    assert stop.value.code == 2
+    assert f"argument {flag}: {value}: {needle}" in capsys.readouterr().err
+
+
 def test_port_in_use_is_one_line_before_the_model_loads(tmp_path, capsys):
     """uvicorn found a taken port only after the model had loaded and compiled, then aborted (SIGABRT)."""
     import socket

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from . import CommandError
-from .convert import peak_resident_bytes
+from .convert import memory_summary, peak_resident_bytes
 
 EPILOG = """\
 CKPT is any siglip2-jax checkpoint directory: converted (siglip2-jax convert) or fine-tuned
@@ -48,6 +48,6 @@ def run(args: argparse.Namespace) -> int:
     export_hf(checkpoint, out, max_shard_size=args.max_shard_size, overwrite=args.overwrite)
     weight_bytes = sum(p.stat().st_size for p in out.glob("*.safetensors"))
     peak = peak_resident_bytes()
-    print(f"exported {checkpoint} -> {out} in {time.perf_counter() - start:.1f} s; peak resident memory "
-          f"{peak / 2**30:.2f} GiB ({peak / max(weight_bytes, 1):.2f}x the {weight_bytes / 2**30:.2f} GiB of safetensors)")
+    print(f"exported {checkpoint} -> {out} in {time.perf_counter() - start:.1f} s; "
+          f"{memory_summary(peak, weight_bytes, 'safetensors')}")
     return 0

@@ -54,6 +54,17 @@ def _positive(value: str) -> float:
     return number
 
 
+def _at_most(limit: float, parse, unit: str):
+    """An argparse type: `parse`, then refused above `limit` (a timeout of inf or 1e300 overflowed the
+    batching thread's wait, which then died while /health still said ready)."""
+    def checked(value: str):
+        number = parse(value)
+        if number > limit:
+            raise argparse.ArgumentTypeError(f"{value}: must be at most {limit:g}{unit}")
+        return number
+    return checked
+
+
 def _port(value: str) -> int:
     port = positive_int(value)
     if port > 65535:  # was accepted: the server compiled, said it was ready, and listened nowhere
@@ -72,10 +83,10 @@ def register(commands) -> None:
                                                              "0.0.0.0 for every interface)")
     parser.add_argument("--port", type=_port, default=8000, help="port (default %(default)s)")
     parser.add_argument("--model-name", default=None, help="the id clients send as 'model' (default: MODEL as given)")
-    parser.add_argument("--max-batch-size", type=positive_int, default=32,
+    parser.add_argument("--max-batch-size", type=_at_most(4096, positive_int, ""), default=32,
                         help="most inputs of one kind per model batch; every bucket up to it is compiled at "
                              "start-up (default %(default)s)")
-    parser.add_argument("--max-wait-ms", type=_non_negative, default=5.0,
+    parser.add_argument("--max-wait-ms", type=_at_most(60_000, _non_negative, " ms"), default=5.0,
                         help="longest an input waits for others to fill its batch (default %(default)s)")
     parser.add_argument("--max-queue", type=positive_int, default=256,
                         help="most requests in progress; past it requests get 429 + Retry-After (default %(default)s)")
@@ -83,7 +94,7 @@ def register(commands) -> None:
                         help="largest request body; larger ones get 413 (default %(default)s = 20 MiB)")
     parser.add_argument("--max-inputs-per-request", type=positive_int, default=256,
                         help="most inputs (or labels) in one request (default %(default)s)")
-    parser.add_argument("--body-timeout-s", type=_positive, default=60.0,
+    parser.add_argument("--body-timeout-s", type=_at_most(3600, _positive, " s"), default=60.0,
                         help="longest a request body may take to arrive; slower ones get 408 (default %(default)s)")
     parser.add_argument("--api-key", default=os.environ.get("SIGLIP2_API_KEY"),
                         help="require 'Authorization: Bearer KEY' on /v1/* (default: $SIGLIP2_API_KEY; none if unset)")
@@ -104,7 +115,7 @@ def register(commands) -> None:
                         help="with --allow-url-fetch, also fetch from loopback/private addresses (tests only)")
     parser.add_argument("--fetch-max-bytes", type=positive_int, default=20 << 20,
                         help="largest fetched image, in bytes (default %(default)s = 20 MiB)")
-    parser.add_argument("--fetch-timeout-s", type=_non_negative, default=10.0,
+    parser.add_argument("--fetch-timeout-s", type=_at_most(3600, _non_negative, " s"), default=10.0,
                         help="timeout of one fetch, in seconds (default %(default)s)")
 
 
