@@ -534,6 +534,23 @@ def test_listener_refuses_new_handshakes_but_keeps_the_queued_ones():
                 assert queued.recv(16) == b"answer"
 
 
+def test_sigterm_while_compiling_exits_0(fixres, tmp_path):
+    """A stop before the server was ready aborted the process (SIGABRT: the interpreter exited under the
+    warm-up thread inside XLA); it now waits for the compile in progress and exits 0."""
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "siglip2_jax.cli", "serve", str(fixres[1]), "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "JAX_COMPILATION_CACHE_DIR": str(tmp_path)})  # a cold cache: 12 buckets to compile
+    output = process.stdout.readline()
+    assert "compiling every batch shape first" in output, output
+    time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)
+    output += process.communicate(timeout=120)[0]
+    assert "ready (" not in output, "the server became ready before the signal: nothing was tested"
+    assert process.returncode == 0, output
+
+
 def test_sigterm_during_load_answers_or_refuses_every_request(server):
     """Requests keep arriving while SIGTERM comes: each is answered (200), refused with a status, or refused
     at connect; none is cut off after it was sent. Connections opened before the signal whose request comes

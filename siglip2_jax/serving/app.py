@@ -224,6 +224,7 @@ class _State:
     def __init__(self, pipeline, settings: ServerSettings, metrics: _Metrics):
         self.pipeline, self.settings, self.metrics = pipeline, settings, metrics
         self.batcher: DynamicBatcher | None = None
+        self.warm_up: threading.Thread | None = None
         workers = settings.decode_workers or min(4, os.cpu_count() or 1)
         self.pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="siglip2-decode")
         self.ready = threading.Event()
@@ -236,7 +237,8 @@ class _State:
     def start(self) -> None:
         self.batcher = DynamicBatcher(self.pipeline.engine, max_batch_size=self.settings.max_batch_size,
                                       max_wait_ms=self.settings.max_wait_ms, batch_sizes=self.metrics.batch_size)
-        threading.Thread(target=self._warm_up, name="siglip2-warm-up", daemon=True).start()
+        self.warm_up = threading.Thread(target=self._warm_up, name="siglip2-warm-up", daemon=True)
+        self.warm_up.start()
 
     def _warm_up(self) -> None:
         """Compile every bucket a batch of 1..max_batch_size rows can land in, for each tower."""
@@ -245,6 +247,8 @@ class _State:
             for kind in self.kinds():
                 row = jax.tree.map(lambda x: x[0], self._sample(kind))
                 for size in engine.buckets(kind, self.settings.max_batch_size):
+                    if self.stopping:
+                        return
                     engine.run(kind, jax.tree.map(lambda x: np.stack([x] * size), row), size)
             self.ready.set()
             print(f"siglip2-jax serve: ready ({time.perf_counter() - started:.1f} s to compile)", file=sys.stderr,
@@ -267,6 +271,10 @@ class _State:
         self.stopping = True
         if self.batcher is not None:
             self.batcher.stop()
+        # A stop during start-up waits for the compile in progress: the interpreter exiting under a thread
+        # inside XLA aborted the process (SIGABRT) instead of exiting 0.
+        if self.warm_up is not None:
+            self.warm_up.join()
         self.pool.shutdown(wait=False, cancel_futures=True)
 
     # ---- admission --------------------------------------------------------------------------------
