@@ -138,11 +138,12 @@ def run(args: argparse.Namespace) -> int:
 
 def memory_summary(peak: int, weight_bytes: int, kind: str) -> str:
     """'peak resident memory 2.46 GiB (0.58x the 4.23 GiB of safetensors)'. The ratio only from 256 MiB of
-    weights on: below that the interpreter and JAX themselves (about 0.2 GiB) are most of the peak."""
+    weights on: below that the interpreter and JAX themselves (about 0.2 GiB) are most of the peak, and the
+    line says 'peak resident memory 0.21 GiB (for 3.1 MiB of safetensors)'."""
     summary = f"peak resident memory {peak / 2**30:.2f} GiB"
     if weight_bytes >= 256 << 20:
-        summary += f" ({peak / weight_bytes:.2f}x the {weight_bytes / 2**30:.2f} GiB of {kind})"
-    return summary
+        return summary + f" ({peak / weight_bytes:.2f}x the {weight_bytes / 2**30:.2f} GiB of {kind})"
+    return summary + f" (for {weight_bytes / 2**20:.1f} MiB of {kind})"
 
 
 def peak_resident_bytes() -> int:
