@@ -153,7 +153,8 @@ def _iso_media_brand(file) -> str | None:
 
 
 def _decoded(image: Image.Image, name: str, exif_transpose: bool = True) -> Image.Image:
-    """Decodes all pixels now (PIL is lazy) and applies the EXIF orientation; truncated data is refused."""
+    """Decodes all pixels now (PIL is lazy) and, if `exif_transpose`, applies the EXIF orientation; truncated
+    data is refused."""
     if ImageFile.LOAD_TRUNCATED_IMAGES and getattr(image, "tile", None):  # PIL would fill in what is missing
         raise ImageError(f"{name}: refusing to decode while PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True")
     try:

@@ -83,10 +83,14 @@ class ApiError(Exception):
         self.status, self.kind, self.param, self.code, self.headers = status, kind, param, code, headers
 
 
+def error_body(message: str, kind: str = "invalid_request_error", param=None, code=None) -> dict:
+    """One refusal in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
 def error_response(status: int, message: str, kind: str = "invalid_request_error", param=None, code=None,
                    headers=None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}},
-                        status_code=status, headers=headers)
+    return JSONResponse(error_body(message, kind, param, code), status_code=status, headers=headers)
 
 
 def create_app(pipeline, settings: ServerSettings) -> FastAPI:

@@ -57,11 +57,12 @@ def _json_error_h11_protocol():
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
+    from .app import error_body
+
     class JsonErrorH11Protocol(H11Protocol):
         def send_400_response(self, msg: str) -> None:
-            body = json.dumps({"error": {"message": "not a valid HTTP/1.1 request (the request line, a header or "
-                                                    "the framing could not be parsed)",
-                                         "type": "invalid_request_error", "param": None, "code": "bad_http"}})
+            body = json.dumps(error_body("not a valid HTTP/1.1 request (the request line, a header or the "
+                                         "framing could not be parsed)", code="bad_http"))
             headers = [(b"content-type", b"application/json"), (b"connection", b"close")]
             for event in (h11.Response(status_code=400, headers=headers), h11.Data(data=body.encode()),
                           h11.EndOfMessage()):
